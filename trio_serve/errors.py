@@ -1,0 +1,124 @@
+"""One exception tree for the whole server.
+
+`ApiError` and its subclasses know the HTTP status and the OpenAI error `type`
+they are answered with; `StartupError` is a user mistake found before serving
+(one line, exit status 2). Foreign exceptions (h11, httpx, yaml, OSError) are
+mapped to these at the edge with ``raise ... from exc``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+
+class TrioServeError(Exception):
+    """Base of every error this package raises on purpose."""
+
+
+class StartupError(TrioServeError):
+    """A user mistake found before serving: printed as one line, exit status 2."""
+
+
+class ConfigError(StartupError):
+    """The role file is missing, unreadable, not YAML, or not a valid role."""
+
+
+class ApiError(TrioServeError):
+    """An error answered to the client with the OpenAI error envelope."""
+
+    status: int = 500
+    type: str = "server_error"
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        param: str | None = None,
+        code: str | None = None,
+        headers: Sequence[tuple[str, str]] = (),
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        self.param = param
+        self.code = code
+        self.headers = tuple(headers)
+
+
+class InvalidRequest(ApiError):
+    status = 400
+    type = "invalid_request_error"
+
+
+class AuthenticationFailed(ApiError):
+    status = 401
+    type = "authentication_error"
+
+
+class NotFound(ApiError):
+    status = 404
+    type = "not_found_error"
+
+
+class MethodNotAllowed(ApiError):
+    status = 405
+    type = "invalid_request_error"
+
+
+class RequestTimeout(ApiError):
+    status = 408
+    type = "timeout"
+
+
+class PayloadTooLarge(ApiError):
+    status = 413
+    type = "invalid_request_error"
+
+
+class UnsupportedMediaType(ApiError):
+    status = 415
+    type = "invalid_request_error"
+
+
+class HeaderTooLarge(ApiError):
+    status = 431
+    type = "invalid_request_error"
+
+
+class UpstreamError(ApiError):
+    """The model provider failed or answered something we cannot use."""
+
+    status = 502
+    type = "upstream_error"
+
+
+class Overloaded(ApiError):
+    status = 503
+    type = "overloaded"
+
+
+class GatewayTimeout(ApiError):
+    status = 504
+    type = "timeout"
+
+
+_BY_STATUS: dict[int, type[ApiError]] = {
+    cls.status: cls
+    for cls in (
+        InvalidRequest,
+        AuthenticationFailed,
+        NotFound,
+        RequestTimeout,
+        PayloadTooLarge,
+        UnsupportedMediaType,
+        HeaderTooLarge,
+        UpstreamError,
+        Overloaded,
+        GatewayTimeout,
+    )
+}
+
+
+def error_for_status(status: int, message: str) -> ApiError:
+    """The ApiError for an HTTP status chosen elsewhere (h11's error hints)."""
+    cls = _BY_STATUS.get(status, InvalidRequest if 400 <= status < 500 else ApiError)
+    return cls(message)

@@ -1,0 +1,210 @@
+"""HTTP/1.1 without IO: bytes in, `Request` values out; `Response` parts to bytes.
+
+A thin layer over h11 that adds the limits of spec section 3: the request head
+is capped (431), the body is capped while it arrives, chunked or not (413), and
+every request gets an id. The server module owns the sockets and the clocks.
+"""
+
+from __future__ import annotations
+
+import enum
+import os
+import re
+from collections.abc import AsyncIterator, Mapping
+from http import HTTPStatus
+
+import attrs
+import h11
+
+from trio_serve.errors import ApiError, HeaderTooLarge, InvalidRequest, PayloadTooLarge
+
+MAX_HEAD_BYTES = 16 * 1024  # spec: a request head over 16 KiB is answered 431
+REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+SERVER_HEADER = ("server", "trio_serve")
+
+
+@attrs.frozen(kw_only=True)
+class Request:
+    method: str
+    path: str
+    query: str
+    headers: Mapping[str, str]  # lower-case names; repeated headers joined by ", "
+    body: bytes
+    request_id: str
+    client: str = ""
+
+
+@attrs.frozen(kw_only=True)
+class Response:
+    """A whole body, or a stream of chunks the server writes as they come.
+
+    The head of a streamed response is sent only once its first chunk is ready,
+    so a failure before that is still answered with a proper HTTP error.
+    `abort_tail` is written when the server has to cut a started stream short
+    (graceful shutdown), so the client learns why instead of seeing a hang-up.
+    """
+
+    status: int
+    headers: tuple[tuple[str, str], ...] = ()
+    body: bytes = b""
+    stream: AsyncIterator[bytes] | None = None
+    abort_tail: bytes = b""
+
+
+class Phase(enum.Enum):
+    """What the connection is waiting for; each phase has its own timeout."""
+
+    IDLE = "idle"  # between requests: nothing of the next one has arrived
+    HEAD = "head"  # part of a request head has arrived
+    BODY = "body"  # the head is complete, the body is not
+
+
+class NeedData(enum.Enum):
+    TOKEN = "need-data"
+
+
+NEED_DATA = NeedData.TOKEN
+
+
+def new_request_id() -> str:
+    return "req_" + os.urandom(12).hex()
+
+
+class HttpConnection:
+    """One server-side HTTP/1.1 connection: parsing with limits, and framing."""
+
+    def __init__(self, *, max_body_bytes: int, client: str = "") -> None:
+        self._h11 = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEAD_BYTES)
+        self._max_body_bytes = max_body_bytes
+        self._client = client
+        self._head: h11.Request | None = None
+        self._body = bytearray()
+
+    # -- receiving ---------------------------------------------------------
+
+    def receive_data(self, data: bytes) -> None:
+        """Feed bytes from the socket; b"" means the client closed its side."""
+        self._h11.receive_data(data)
+
+    @property
+    def phase(self) -> Phase:
+        if self._head is not None:
+            return Phase.BODY
+        return Phase.HEAD if self._h11.trailing_data[0] else Phase.IDLE
+
+    @property
+    def client_waits_for_100_continue(self) -> bool:
+        return self._h11.they_are_waiting_for_100_continue
+
+    def next_request(self) -> Request | NeedData | None:
+        """The next complete request, NEED_DATA, or None once the client closed.
+
+        Raises ApiError (400, 413, 431) for a request that must be refused; the
+        connection must then be closed after the error response.
+        """
+        while True:
+            try:
+                event = self._h11.next_event()
+            except h11.RemoteProtocolError as exc:
+                raise _protocol_error(exc) from exc
+            if event is h11.NEED_DATA:
+                return NEED_DATA
+            if isinstance(event, h11.Request):
+                self._start_request(event)
+            elif isinstance(event, h11.Data):
+                self._add_body(event.data)
+            elif isinstance(event, h11.EndOfMessage):
+                return self._finish_request()
+            elif isinstance(event, h11.ConnectionClosed) or event is h11.PAUSED:
+                # PAUSED cannot happen here (we return at EndOfMessage); treat as closed.
+                return None
+
+    def _start_request(self, head: h11.Request) -> None:
+        self._head = head
+        self._body.clear()
+        length = _content_length(head)
+        if length is not None and length > self._max_body_bytes:
+            raise _too_large(self._max_body_bytes)
+
+    def _add_body(self, data: bytes) -> None:
+        # Counted as it arrives, so a chunked body cannot slip past the cap.
+        if len(self._body) + len(data) > self._max_body_bytes:
+            raise _too_large(self._max_body_bytes)
+        self._body += data
+
+    def _finish_request(self) -> Request:
+        head = self._head
+        assert head is not None, "h11 ends a message only after its head"
+        self._head = None
+        headers = _header_map(head.headers)
+        path, _, query = head.target.decode("latin-1").partition("?")
+        given_id = headers.get("x-request-id", "")
+        return Request(
+            method=head.method.decode("latin-1"),
+            path=path,
+            query=query,
+            headers=headers,
+            body=bytes(self._body),
+            request_id=given_id if REQUEST_ID_RE.match(given_id) else new_request_id(),
+            client=self._client,
+        )
+
+    # -- sending -----------------------------------------------------------
+
+    def continue_100(self) -> bytes:
+        return self._h11.send(h11.InformationalResponse(status_code=100, headers=[])) or b""
+
+    def can_respond(self) -> bool:
+        """False once a response was started or the connection is dead."""
+        return self._h11.our_state in (h11.IDLE, h11.SEND_RESPONSE)
+
+    def response_head(self, status: int, headers: list[tuple[str, str]]) -> bytes:
+        reason = _reason(status)
+        event = h11.Response(status_code=status, headers=headers, reason=reason)
+        return self._h11.send(event) or b""
+
+    def body(self, data: bytes) -> bytes:
+        return self._h11.send(h11.Data(data=data)) or b""
+
+    def end(self) -> bytes:
+        return self._h11.send(h11.EndOfMessage()) or b""
+
+    def start_next_cycle(self) -> bool:
+        """Ready the connection for the next request; False if it must close."""
+        if self._h11.our_state is h11.DONE and self._h11.their_state is h11.DONE:
+            self._h11.start_next_cycle()
+            return True
+        return False
+
+
+def _header_map(raw: list[tuple[bytes, bytes]]) -> dict[str, str]:
+    headers: dict[str, str] = {}
+    for name_bytes, value_bytes in raw:
+        name, value = name_bytes.decode("latin-1"), value_bytes.decode("latin-1")
+        headers[name] = f"{headers[name]}, {value}" if name in headers else value
+    return headers
+
+
+def _content_length(head: h11.Request) -> int | None:
+    for name, value in head.headers:
+        if name == b"content-length":
+            return int(value)  # h11 has already checked it is a number
+    return None
+
+
+def _too_large(limit: int) -> PayloadTooLarge:
+    return PayloadTooLarge(f"Request body is larger than the limit of {limit} bytes.")
+
+
+def _protocol_error(exc: h11.RemoteProtocolError) -> ApiError:
+    if exc.error_status_hint == 431:
+        return HeaderTooLarge(f"Request head is larger than the limit of {MAX_HEAD_BYTES} bytes.")
+    return InvalidRequest(f"Malformed HTTP request: {exc}")
+
+
+def _reason(status: int) -> bytes:
+    try:
+        return HTTPStatus(status).phrase.encode("ascii")
+    except ValueError:
+        return b""
+

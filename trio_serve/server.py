@@ -1,0 +1,389 @@
+"""Sockets, timeouts and the one nursery tree.
+
+Lifetimes nest: the httpx client and background tasks outlive the connection
+handlers, which outlive the accept loop. Each connection is one task; while a
+request is answered, a sibling task watches the socket, and the client going
+away cancels the answer, the provider's HTTP request included.
+
+Graceful shutdown is a deadline on cancel scopes: idle connections close at
+once, requests in flight get `grace_s` to finish, and streams still running
+then are ended with an in-band error event and `[DONE]`.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
+from contextlib import aclosing, contextmanager
+from email.utils import formatdate
+from functools import partial
+
+import attrs
+import httpx
+import trio
+
+from trio_serve.app import App
+from trio_serve.config import Role
+from trio_serve.errors import ApiError, Overloaded, RequestTimeout
+from trio_serve.http import NEED_DATA, SERVER_HEADER, HttpConnection, Phase, Request, Response
+from trio_serve.http import new_request_id
+from trio_serve.openai import error_response
+from trio_serve.providers.factory import make_provider
+
+log = logging.getLogger("trio_serve")
+
+KEEPALIVE_IDLE_S = 30.0  # an idle keep-alive connection is closed after this
+HEAD_TIMEOUT_S = 10.0  # slowloris: a request head must be complete within this
+BODY_TIMEOUT_S = 30.0  # a slow body holds a connection and a buffer: bounded
+SEND_TIMEOUT_S = 30.0  # a client that stops reading is dropped, its upstream cancelled
+SHUTDOWN_GRACE_S = 10.0  # in-flight requests may finish within this on SIGTERM
+ABORT_WRITE_S = 1.0  # time to write the final error frames after the grace ran out
+RECEIVE_BYTES = 64 * 1024
+PIPELINE_BUFFER_BYTES = 1024 * 1024  # read ahead of the answer at most this, then stop
+UPSTREAM_CONNECT_TIMEOUT_S = 10.0
+
+_PHASE_TIMEOUTS = {Phase.IDLE: KEEPALIVE_IDLE_S, Phase.HEAD: HEAD_TIMEOUT_S, Phase.BODY: BODY_TIMEOUT_S}
+
+App_ = Callable[[Request], Awaitable[Response]]
+
+
+class _ClientGone(Exception):
+    """The client closed, reset, or stopped reading: nothing more can be sent."""
+
+
+@attrs.define
+class _Watch:
+    client_gone: bool = False
+
+
+class HttpServer:
+    """Accepts connections and speaks HTTP/1.1 to them on behalf of an app."""
+
+    def __init__(self, app: App_, *, max_body_bytes: int, grace_s: float = SHUTDOWN_GRACE_S) -> None:
+        self._app = app
+        self._max_body_bytes = max_body_bytes
+        self._grace_s = grace_s
+        self._draining = False
+        self._drain_deadline = math.inf
+        self._shutdown_requested = trio.Event()
+        self._idle_scopes: set[trio.CancelScope] = set()
+        self._work_scopes: set[trio.CancelScope] = set()
+        self._date = _DateHeader()
+
+    # -- lifetime ------------------------------------------------------------
+
+    async def serve(
+        self,
+        listeners: Sequence[trio.SocketListener],
+        *,
+        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        """Serve until `shutdown()`, then drain and return."""
+        async with trio.open_nursery() as connections:
+            async with trio.open_nursery() as acceptors:
+                await acceptors.start(
+                    partial(trio.serve_listeners, self._connection, list(listeners), handler_nursery=connections)
+                )
+                task_status.started()
+                await self._shutdown_requested.wait()
+                acceptors.cancel_scope.cancel()  # closes the listeners
+            # Whatever has not finished by now is cut off.
+            connections.cancel_scope.deadline = self._drain_deadline + ABORT_WRITE_S
+
+    def shutdown(self) -> None:
+        """Stop accepting; close idle connections; give requests `grace_s` to finish."""
+        if self._draining:
+            return
+        self._draining = True
+        self._drain_deadline = trio.current_time() + self._grace_s
+        self._shutdown_requested.set()
+        for scope in self._idle_scopes:
+            scope.cancel()
+        for scope in self._work_scopes:
+            scope.deadline = min(scope.deadline, self._drain_deadline)
+
+    def draining(self) -> bool:
+        return self._draining
+
+    @contextmanager
+    def _work_scope(self) -> Iterator[trio.CancelScope]:
+        with trio.CancelScope(deadline=self._drain_deadline) as scope:
+            self._work_scopes.add(scope)
+            try:
+                yield scope
+            finally:
+                self._work_scopes.discard(scope)
+
+    # -- one connection ----------------------------------------------------
+
+    async def _connection(self, stream: trio.abc.Stream) -> None:
+        http = HttpConnection(max_body_bytes=self._max_body_bytes, client=_peer(stream))
+        try:
+            await self._serve_requests(stream, http)
+        except ApiError as exc:
+            await self._send_error(stream, http, exc)
+        except (_ClientGone, trio.BrokenResourceError, trio.ClosedResourceError):
+            pass
+        except Exception:
+            # One connection's bug must not take the server down: log, answer
+            # 500 if nothing was sent yet, and close this connection only.
+            log.exception("unexpected error on a connection")
+            await self._send_error(stream, http, ApiError("Internal server error."))
+        finally:
+            await trio.aclose_forcefully(stream)
+
+    async def _serve_requests(self, stream: trio.abc.Stream, http: HttpConnection) -> None:
+        while True:
+            request = await self._read_request(stream, http)
+            if request is None:
+                return
+            if not await self._exchange(stream, http, request):
+                return
+            if self._draining or not http.start_next_cycle():
+                return
+
+    async def _read_request(self, stream: trio.abc.Stream, http: HttpConnection) -> Request | None:
+        """The next request, or None when the client closed or idled out."""
+        phase, deadline = None, math.inf
+        while True:
+            result = http.next_request()
+            if result is not NEED_DATA:
+                return result
+            if http.client_waits_for_100_continue:
+                await send_or_gone(stream, http.continue_100())
+            if http.phase is not phase:
+                phase = http.phase
+                deadline = trio.current_time() + _PHASE_TIMEOUTS[phase]
+            data = await self._receive(stream, phase, deadline)
+            if data is None:
+                return None
+            http.receive_data(data)
+
+    async def _receive(self, stream: trio.abc.Stream, phase: Phase, deadline: float) -> bytes | None:
+        """Bytes from the client; None to close quietly; RequestTimeout if too slow."""
+        with trio.move_on_at(deadline) as scope:
+            if phase is Phase.IDLE:
+                if self._draining:
+                    return None
+                self._idle_scopes.add(scope)
+            try:
+                return await stream.receive_some(RECEIVE_BYTES)
+            except trio.BrokenResourceError:
+                return b""
+            finally:
+                self._idle_scopes.discard(scope)
+        if phase is Phase.IDLE:
+            return None  # idle timeout or shutdown: nothing half-said, close quietly
+        raise RequestTimeout(f"The request {phase.value} was not received in time.")
+
+    async def _exchange(self, stream: trio.abc.Stream, http: HttpConnection, request: Request) -> bool:
+        """Answer one request while watching for the client leaving; False if it left."""
+        watch = _Watch()
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._watch_for_disconnect, stream, http, nursery.cancel_scope, watch)
+            await self._respond(stream, http, request)
+            nursery.cancel_scope.cancel()
+        return not watch.client_gone
+
+    async def _watch_for_disconnect(
+        self, stream: trio.abc.Stream, http: HttpConnection, scope: trio.CancelScope, watch: _Watch
+    ) -> None:
+        # Bytes of a pipelined next request are kept for later; EOF or a reset
+        # means nobody will read the answer, so stop producing it.
+        buffered = 0
+        while buffered < PIPELINE_BUFFER_BYTES:
+            try:
+                data = await stream.receive_some(RECEIVE_BYTES)
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                data = b""
+            if not data:
+                watch.client_gone = True
+                scope.cancel()
+                return
+            http.receive_data(data)
+            buffered += len(data)
+        await trio.sleep_forever()
+
+    # -- answering -----------------------------------------------------------
+
+    async def _respond(self, stream: trio.abc.Stream, http: HttpConnection, request: Request) -> None:
+        writer = _ResponseWriter(self, stream, http, request)
+        with self._work_scope() as work:
+            response = await self._call_app(request)
+            await writer.write(response)
+        if work.cancelled_caught:
+            await writer.abort()
+
+    async def _call_app(self, request: Request) -> Response:
+        try:
+            return await self._app(request)
+        except ApiError as exc:
+            return error_response(exc)
+        except Exception:
+            log.exception("unexpected error answering %s %s", request.method, request.path)
+            return error_response(ApiError("Internal server error."))
+
+    async def _send_error(self, stream: trio.abc.Stream, http: HttpConnection, error: ApiError) -> None:
+        if not http.can_respond():
+            return
+        writer = _ResponseWriter(self, stream, http, None)
+        try:
+            await writer.write(error_response(error), close=True)
+        except (_ClientGone, trio.BrokenResourceError, trio.ClosedResourceError):
+            pass
+
+
+async def send_or_gone(stream: trio.abc.Stream, data: bytes) -> None:
+    """Send all of `data`, or raise _ClientGone if the client cannot take it."""
+    with trio.move_on_after(SEND_TIMEOUT_S) as scope:
+        try:
+            await stream.send_all(data)
+        except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+            raise _ClientGone() from exc
+    if scope.cancelled_caught:
+        raise _ClientGone()
+
+
+class _ResponseWriter:
+    """Writes one response: whole, or streamed chunk by chunk as the app yields."""
+
+    def __init__(
+        self, server: HttpServer, stream: trio.abc.Stream, http: HttpConnection, request: Request | None
+    ) -> None:
+        self._server = server
+        self._stream = stream
+        self._http = http
+        self._request_id = request.request_id if request else new_request_id()
+        self._head_only = request is not None and request.method == "HEAD"
+        self._abort_tail: bytes | None = None  # set once a stream's head went out
+        self._interrupted = False  # a send was cut mid-way: the byte stream is torn
+
+    async def _send(self, data: bytes) -> None:
+        self._interrupted = True
+        await send_or_gone(self._stream, data)
+        self._interrupted = False
+
+    async def write(self, response: Response, *, close: bool = False) -> None:
+        if response.stream is None:
+            await self._write_whole(response, close=close)
+        else:
+            await self._write_stream(response, response.stream)
+
+    async def _write_whole(self, response: Response, *, close: bool) -> None:
+        headers = self._headers(response, close=close)
+        headers.append(("content-length", str(len(response.body))))
+        out = self._http.response_head(response.status, headers)
+        if not self._head_only:
+            out += self._http.body(response.body)
+        await self._send(out + self._http.end())
+
+    async def _write_stream(self, response: Response, chunks: AsyncIterator[bytes]) -> None:
+        async with aclosing(chunks):  # type: ignore[type-var]
+            try:
+                first = await anext(chunks)
+            except ApiError as exc:
+                await self._write_whole(error_response(exc), close=False)
+                return
+            except StopAsyncIteration:
+                first = b""
+            head = self._http.response_head(response.status, self._headers(response, close=False))
+            self._abort_tail = response.abort_tail
+            await self._send(head + self._http.body(first))
+            async for chunk in chunks:
+                await self._send(self._http.body(chunk))
+        self._abort_tail = None
+        await self._send(self._http.end())
+
+    async def abort(self) -> None:
+        """The shutdown grace ran out: end what was started, or refuse politely."""
+        if self._interrupted:
+            return  # half a frame went out; nothing sent now could be parsed
+        if self._abort_tail is not None:
+            tail, self._abort_tail = self._abort_tail, None
+            await self._send(self._http.body(tail) + self._http.end())
+        elif self._http.can_respond():
+            refusal = Overloaded("The server is shutting down.", headers=[("retry-after", "1")])
+            await self._write_whole(error_response(refusal), close=True)
+
+    def _headers(self, response: Response, *, close: bool) -> list[tuple[str, str]]:
+        headers = [SERVER_HEADER, ("date", self._server._date.now()), ("x-request-id", self._request_id)]
+        headers.extend(response.headers)
+        if close or self._server._draining:
+            headers.append(("connection", "close"))
+        return headers
+
+
+class _DateHeader:
+    """The Date header, formatted once a second rather than per response."""
+
+    def __init__(self) -> None:
+        self._second = -1
+        self._value = ""
+
+    def now(self) -> str:
+        second = int(trio.current_time())
+        if second != self._second:
+            self._second, self._value = second, formatdate(usegmt=True)
+        return self._value
+
+
+def _peer(stream: trio.abc.Stream) -> str:
+    socket = getattr(stream, "socket", None)
+    if socket is None:
+        return ""
+    try:
+        host, port = socket.getpeername()[:2]
+    except OSError:
+        return ""
+    return f"{host}:{port}"
+
+
+# -- the whole tree ------------------------------------------------------------
+
+
+@attrs.frozen(kw_only=True)
+class ServeOptions:
+    role: Role
+    api_key: str | None = None  # clients' Bearer key; None serves without auth
+    provider_key: str | None = None
+    created: int = 0  # the /v1/models `created` time, fixed for the process
+    grace_s: float = SHUTDOWN_GRACE_S
+
+
+@attrs.frozen
+class Running:
+    """What `serve` hands its starter: where it listens, and how to stop it."""
+
+    addresses: tuple[tuple[str, int], ...]
+    shutdown: Callable[[], None]
+    draining: Callable[[], bool]
+
+
+async def serve(
+    options: ServeOptions,
+    listeners: Sequence[trio.SocketListener],
+    *,
+    task_status: trio.TaskStatus[Running] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Run the server on bound listeners until shut down, then drain and return."""
+    role = options.role
+    timeout = httpx.Timeout(role.guardrails.timeout_seconds, connect=UPSTREAM_CONNECT_TIMEOUT_S)
+    limits = httpx.Limits(max_connections=None, max_keepalive_connections=128)
+    async with httpx.AsyncClient(timeout=timeout, limits=limits, trust_env=False) as client:
+        provider = make_provider(role.model, client=client, api_key=options.provider_key)
+        app = App(role=role, provider=provider, api_key=options.api_key, created=options.created)
+        server = HttpServer(app, max_body_bytes=role.server.max_request_body_bytes, grace_s=options.grace_s)
+        async with trio.open_nursery() as background:
+            # Background tasks (conversation sweeper, audit writer) start here.
+            async with trio.open_nursery() as front:
+                await front.start(server.serve, listeners)
+                task_status.started(
+                    Running(addresses=_addresses(listeners), shutdown=server.shutdown, draining=server.draining)
+                )
+            background.cancel_scope.cancel()  # every connection has finished
+
+
+def _addresses(listeners: Sequence[trio.SocketListener]) -> tuple[tuple[str, int], ...]:
+    return tuple(tuple(listener.socket.getsockname()[:2]) for listener in listeners)  # type: ignore[misc]
+
