@@ -371,6 +371,8 @@ def _agent_name(fields: _Section, key: str) -> str:
 def load_role(path: Path) -> Role:
     """Read and validate a role file; every problem is one ConfigError line."""
     raw = _read_yaml(path)
+    if raw is None:
+        raise ConfigError(f"{path}: the role file is empty")
     try:
         return Role.from_yaml(raw)
     except _FieldError as exc:

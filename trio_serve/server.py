@@ -83,7 +83,7 @@ class HttpServer:
         async with trio.open_nursery() as connections:
             async with trio.open_nursery() as acceptors:
                 await acceptors.start(
-                    partial(trio.serve_listeners, self._connection, list(listeners), handler_nursery=connections)
+                    partial(trio.serve_listeners, self.handle_connection, list(listeners), handler_nursery=connections)
                 )
                 task_status.started()
                 await self._shutdown_requested.wait()
@@ -117,7 +117,8 @@ class HttpServer:
 
     # -- one connection ----------------------------------------------------
 
-    async def _connection(self, stream: trio.abc.Stream) -> None:
+    async def handle_connection(self, stream: trio.abc.Stream) -> None:
+        """Serve one client connection until it closes; never raises."""
         http = HttpConnection(max_body_bytes=self._max_body_bytes, client=_peer(stream))
         try:
             await self._serve_requests(stream, http)
