@@ -18,11 +18,11 @@ IO_TIMEOUT_S = 10  # every IO test runs under trio.fail_after(IO_TIMEOUT_S)
 CLIENT_KEY = "client-secret-key"
 
 
-def make_role(*, name: str = "test-agent", max_body: int = 1_048_576, **model: Any) -> Role:
+def make_role(*, agent: str = "test-agent", max_body: int = 1_048_576, **model: Any) -> Role:
     """A role whose model fields default to the built-in echo provider."""
     fields = {"provider": "echo", "name": "echo", **model}
     return Role(
-        name=name,
+        name=agent,
         description="",
         system_prompt="You are a test agent.",
         model=ModelConfig(**fields),
