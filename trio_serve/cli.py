@@ -24,7 +24,7 @@ import trio
 from trio_serve.config import Role, load_role
 from trio_serve.errors import StartupError
 from trio_serve.providers.factory import provider_api_key
-from trio_serve.server import Running, ServeOptions, serve
+from trio_serve.server import SHUTDOWN_GRACE_S, Running, ServeOptions, serve
 
 EXIT_USAGE = 2
 DEFAULT_AUDIT_DB = "~/.initrunner/audit.db"
@@ -45,6 +45,10 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--audit-db", type=Path, default=None, help=f"audit database (default: {DEFAULT_AUDIT_DB})")
     run.add_argument("--no-audit", action="store_true", help="disable audit logging")
     run.add_argument(
+        "--grace-period", type=_seconds, default=SHUTDOWN_GRACE_S, metavar="SECONDS",
+        help=f"on SIGINT/SIGTERM, time given to requests in flight (default: {SHUTDOWN_GRACE_S:g})",
+    )
+    run.add_argument(
         "--cors-origin", action="append", default=[], metavar="ORIGIN", help="allowed CORS origin (repeatable)"
     )
     check = commands.add_parser("validate", help="check a role file without serving it")
@@ -60,6 +64,16 @@ def _port(text: str) -> int:
     if not 0 <= port <= 65535:
         raise argparse.ArgumentTypeError(f"port must be between 0 and 65535, got {port}")
     return port
+
+
+def _seconds(text: str) -> float:
+    try:
+        seconds = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
+    if not 0 <= seconds <= 3600:
+        raise argparse.ArgumentTypeError(f"must be between 0 and 3600 seconds, got {text}")
+    return seconds
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -108,6 +122,7 @@ def _serve(args: argparse.Namespace, env: Mapping[str, str]) -> int:
         api_key=_client_key(args, env),
         provider_key=provider_api_key(role.model, env),
         created=_created(args.role_file),
+        grace_s=args.grace_period,
     )
     trio.run(_run, _Plan(host=args.host, port=args.port, options=options))
     return 0
