@@ -101,15 +101,21 @@ class FakeUpstream:
                 return
             conn.start_next_cycle()
 
-    async def _answer(self, stream: trio.SocketStream, conn: h11.Connection, exchange: Exchange, script: Script) -> None:
+    async def _answer(
+        self, stream: trio.SocketStream, conn: h11.Connection, exchange: Exchange, script: Script
+    ) -> None:
         if script.hang:
             await trio.sleep_forever()
         await trio.sleep(script.first_byte_delay_s)
         if exchange.headers.get("authorization") != f"Bearer {self.api_key}":
-            script = Script(status=401, error={"message": "Incorrect API key provided", "type": "invalid_request_error"})
+            script = Script(
+                status=401, error={"message": "Incorrect API key provided", "type": "invalid_request_error"}
+            )
         if script.status != 200:
             body = orjson.dumps({"error": script.error or {"message": "failure"}})
-            await _send(stream, conn, h11.Response(status_code=script.status, headers=[("content-length", str(len(body)))]))
+            await _send(
+                stream, conn, h11.Response(status_code=script.status, headers=[("content-length", str(len(body)))])
+            )
             await _send(stream, conn, h11.Data(data=body))
             await _send(stream, conn, h11.EndOfMessage())
             return

@@ -159,13 +159,15 @@ async def test_sigterm_ends_live_streams_with_an_error_event_and_done(tmp_path: 
     long_message = {"messages": [{"role": "user", "content": "word " * 100}], "stream": True}
     with trio.fail_after(IO_TIMEOUT_S * 2):
         async with running_server(slow, "--grace-period", "0.5") as (process, url):
-            async with httpx.AsyncClient(base_url=url) as client:
-                async with client.stream("POST", "/v1/chat/completions", json=long_message) as response:
-                    body = b""
-                    async for chunk in response.aiter_bytes():
-                        if not body:
-                            process.send_signal(signal.SIGTERM)  # the stream is live: stop the server
-                        body += chunk
+            async with (
+                httpx.AsyncClient(base_url=url) as client,
+                client.stream("POST", "/v1/chat/completions", json=long_message) as response,
+            ):
+                body = b""
+                async for chunk in response.aiter_bytes():
+                    if not body:
+                        process.send_signal(signal.SIGTERM)  # the stream is live: stop the server
+                    body += chunk
             assert await process.wait() == 0
     events = sse_events(body)
     assert events[-1] == "[DONE]"

@@ -102,7 +102,9 @@ async def test_every_response_and_chunk_matches_the_official_schemas(
         plain = await raw_post(running, {"messages": HELLO})
         assert plain.headers["content-type"] == "application/json"
         check_chat_completion(plain.json())
-        streamed = await raw_post(running, {"messages": HELLO, "stream": True, "stream_options": {"include_usage": True}})
+        streamed = await raw_post(
+            running, {"messages": HELLO, "stream": True, "stream_options": {"include_usage": True}}
+        )
         assert streamed.headers["content-type"] == "text/event-stream"
         assert (streamed.headers["cache-control"], streamed.headers["x-accel-buffering"]) == ("no-cache", "no")
         events = sse_events(streamed.content)
@@ -211,7 +213,9 @@ async def test_provider_failure_is_a_502_envelope(start_server: StartServer, ups
         assert response.json()["error"]["type"] == "upstream_error"
 
 
-async def test_wrong_provider_key_never_leaks_into_the_answer(start_server: StartServer, upstream: FakeUpstream) -> None:
+async def test_wrong_provider_key_never_leaks_into_the_answer(
+    start_server: StartServer, upstream: FakeUpstream
+) -> None:
     with trio.fail_after(IO_TIMEOUT_S):
         running = await start_server(upstream_role(upstream), provider_key="sk-wrong-secret")
         response = await raw_post(running, {"messages": HELLO})

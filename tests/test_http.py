@@ -119,7 +119,7 @@ def test_response_framing_has_reason_phrase_and_chunked_streams() -> None:
 
 def test_sse_decoder_joins_data_lines_and_skips_comments() -> None:
     decoder = SseDecoder()
-    lines = [": keep-alive", "", "data: {\"a\":", "data: 1}", "", "event: x", "data:[DONE]", ""]
+    lines = [": keep-alive", "", 'data: {"a":', "data: 1}", "", "event: x", "data:[DONE]", ""]
     events = [event for line in lines if (event := decoder.feed_line(line)) is not None]
     assert events == ['{"a":\n1}', "[DONE]"]
     assert decoder.close() is None

@@ -198,7 +198,11 @@ def test_assembler_joins_text_and_tool_call_fragments() -> None:
     for delta in [
         {"content": "Let me"},
         {"content": " check."},
-        {"tool_calls": [{"index": 0, "id": "call_1", "type": "function", "function": {"name": "get", "arguments": ""}}]},
+        {
+            "tool_calls": [
+                {"index": 0, "id": "call_1", "type": "function", "function": {"name": "get", "arguments": ""}}
+            ]
+        },
         {"tool_calls": [{"index": 0, "function": {"arguments": '{"city":'}}]},
         {"tool_calls": [{"index": 1, "id": "call_2", "function": {"name": "put", "arguments": "{}"}}]},
         {"tool_calls": [{"index": 0, "function": {"arguments": '"Oslo"}'}}]},
@@ -223,5 +227,8 @@ def test_assembler_tool_calls_only_has_null_content() -> None:
 
 def test_text_of_reads_every_content_shape() -> None:
     assert text_of({"content": "a"}) == "a"
-    assert text_of({"content": [{"type": "text", "text": "a"}, {"type": "image_url"}, {"type": "text", "text": "b"}]}) == "a b"
+    assert (
+        text_of({"content": [{"type": "text", "text": "a"}, {"type": "image_url"}, {"type": "text", "text": "b"}]})
+        == "a b"
+    )
     assert text_of({"content": None}) == ""

@@ -20,7 +20,7 @@ from tests.conftest import IO_TIMEOUT_S, make_role, sse_events
 from tests.openai_schema import check_chunk, check_error
 from trio_serve.app import App
 from trio_serve.http import MAX_HEAD_BYTES, Request, Response
-from trio_serve.providers.base import Delta, Event, Finish, ModelCall, Provider
+from trio_serve.providers.base import Delta, Event, ModelCall, Provider
 from trio_serve.providers.echo import EchoProvider
 from trio_serve.server import HEAD_TIMEOUT_S, KEEPALIVE_IDLE_S, HttpServer
 
@@ -69,7 +69,9 @@ class Client:
         for event in events:
             await self.stream.send_all(self.h11.send(event) or b"")
 
-    async def request(self, method: str, target: str, body: bytes = b"", headers: tuple[tuple[str, str], ...] = ()) -> None:
+    async def request(
+        self, method: str, target: str, body: bytes = b"", headers: tuple[tuple[str, str], ...] = ()
+    ) -> None:
         base = [("host", "test"), ("content-type", "application/json"), ("content-length", str(len(body)))]
         await self.send(h11.Request(method=method, target=target, headers=base + list(headers)))
         if body:
@@ -183,8 +185,12 @@ async def test_expect_100_continue_is_honoured(nursery: trio.Nursery) -> None:
             h11.Request(
                 method="POST",
                 target="/v1/chat/completions",
-                headers=[("host", "t"), ("content-type", "application/json"),
-                         ("content-length", str(len(CHAT))), ("expect", "100-continue")],
+                headers=[
+                    ("host", "t"),
+                    ("content-type", "application/json"),
+                    ("content-length", str(len(CHAT))),
+                    ("expect", "100-continue"),
+                ],
             )  # fmt: skip
         )
         informational = await client.next_event()

@@ -137,9 +137,7 @@ class App:
         )
         return Response(status=200, headers=JSON_HEADERS, body=body)
 
-    async def _relay(
-        self, call: ModelCall, encoder: ChunkEncoder, *, include_usage: bool
-    ) -> AsyncIterator[bytes]:
+    async def _relay(self, call: ModelCall, encoder: ChunkEncoder, *, include_usage: bool) -> AsyncIterator[bytes]:
         """SSE frames: the role chunk, one chunk per model delta, finish, usage, [DONE].
 
         Entering the provider happens before the first frame, so a refusal

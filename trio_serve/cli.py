@@ -33,9 +33,7 @@ log = logging.getLogger("trio_serve")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="initrunner", description="Serve an agent as an OpenAI-compatible HTTP API."
-    )
+    parser = argparse.ArgumentParser(prog="initrunner", description="Serve an agent as an OpenAI-compatible HTTP API.")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     run = commands.add_parser("serve", help="serve a role file over HTTP")
     run.add_argument("role_file", type=Path, help="path to the role YAML file")
@@ -45,7 +43,10 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--audit-db", type=Path, default=None, help=f"audit database (default: {DEFAULT_AUDIT_DB})")
     run.add_argument("--no-audit", action="store_true", help="disable audit logging")
     run.add_argument(
-        "--grace-period", type=_seconds, default=SHUTDOWN_GRACE_S, metavar="SECONDS",
+        "--grace-period",
+        type=_seconds,
+        default=SHUTDOWN_GRACE_S,
+        metavar="SECONDS",
         help=f"on SIGINT/SIGTERM, time given to requests in flight (default: {SHUTDOWN_GRACE_S:g})",
     )
     run.add_argument(

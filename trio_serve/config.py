@@ -30,9 +30,7 @@ UNSERVED_AGENT_KEYS = frozenset(
         "mcp", "knowledge", "delegation", "team", "schedule", "resources", "cli",
     }
 )  # fmt: skip
-UNSERVED_SECURITY_KEYS = frozenset(
-    {"tools", "sandbox", "docker", "audit", "policy", "network", "pii", "secrets"}
-)
+UNSERVED_SECURITY_KEYS = frozenset({"tools", "sandbox", "docker", "audit", "policy", "network", "pii", "secrets"})
 UNSERVED_GUARDRAIL_KEYS = frozenset(
     {
         "max_tool_calls", "max_request_limit", "input_tokens_limit",
@@ -130,9 +128,7 @@ class _Section:
             raise _FieldError(self.where(key), f"must be a mapping, got {_kind(value)}")
         return value
 
-    def section(
-        self, key: str, allowed: frozenset[str], unserved: frozenset[str] = frozenset()
-    ) -> _Section:
+    def section(self, key: str, allowed: frozenset[str], unserved: frozenset[str] = frozenset()) -> _Section:
         return _Section(self.raw.get(key), self.where(key), allowed=allowed, unserved=unserved)
 
 
@@ -324,9 +320,7 @@ class Role:
             "metadata",
             frozenset({"name", "description", "tags", "version", "author", "labels"}),
         )
-        spec = top.section(
-            "spec", frozenset({"role", "model", "guardrails", "security"}), UNSERVED_AGENT_KEYS
-        )
+        spec = top.section("spec", frozenset({"role", "model", "guardrails", "security"}), UNSERVED_AGENT_KEYS)
         return cls._build(meta, "name", spec, "role")
 
     @classmethod
@@ -341,9 +335,7 @@ class Role:
         if body.raw.get("model") is None:
             raise _FieldError(body.where("model"), "is required")
         guardrails = body.section("guardrails", Guardrails.KEYS, UNSERVED_GUARDRAIL_KEYS)
-        security = body.section(
-            "security", frozenset({"server", "rate_limit", "content"}), UNSERVED_SECURITY_KEYS
-        )
+        security = body.section("security", frozenset({"server", "rate_limit", "content"}), UNSERVED_SECURITY_KEYS)
         return cls(
             name=name,
             description=str(meta.raw.get("description") or ""),
@@ -362,8 +354,7 @@ def _agent_name(fields: _Section, key: str) -> str:
     if len(name) > NAME_MAX_CHARS or not NAME_RE.match(name):
         raise _FieldError(
             fields.where(key),
-            f"must be lowercase letters, digits and inner hyphens "
-            f"(at most {NAME_MAX_CHARS}), got {name!r}",
+            f"must be lowercase letters, digits and inner hyphens (at most {NAME_MAX_CHARS}), got {name!r}",
         )
     return name
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import enum
 import os
 import re
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Iterable, Mapping
 from http import HTTPStatus
 
 import attrs
@@ -82,9 +82,9 @@ class HttpConnection:
 
     # -- receiving ---------------------------------------------------------
 
-    def receive_data(self, data: bytes) -> None:
+    def receive_data(self, data: bytes | bytearray) -> None:
         """Feed bytes from the socket; b"" means the client closed its side."""
-        self._h11.receive_data(data)
+        self._h11.receive_data(bytes(data) if isinstance(data, bytearray) else data)
 
     @property
     def phase(self) -> Phase:
@@ -181,7 +181,7 @@ class HttpConnection:
         return False
 
 
-def _header_map(raw: list[tuple[bytes, bytes]]) -> dict[str, str]:
+def _header_map(raw: Iterable[tuple[bytes, bytes]]) -> dict[str, str]:
     headers: dict[str, str] = {}
     for name_bytes, value_bytes in raw:
         name, value = name_bytes.decode("latin-1"), value_bytes.decode("latin-1")
@@ -217,4 +217,3 @@ def _reason(status: int) -> bytes:
         return HTTPStatus(status).phrase.encode("ascii")
     except ValueError:
         return b""
-

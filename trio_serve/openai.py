@@ -125,14 +125,10 @@ def _include_usage(fields: Mapping[str, Any], stream: bool) -> bool:
     if options is None:
         return False
     if not stream:
-        raise InvalidRequest(
-            "'stream_options' is only allowed when 'stream' is true.", param="stream_options"
-        )
+        raise InvalidRequest("'stream_options' is only allowed when 'stream' is true.", param="stream_options")
     value = options.get("include_usage", False)
     if not isinstance(value, bool):
-        raise InvalidRequest(
-            "'stream_options.include_usage' must be a boolean.", param="stream_options.include_usage"
-        )
+        raise InvalidRequest("'stream_options.include_usage' must be a boolean.", param="stream_options.include_usage")
     return value
 
 
@@ -300,13 +296,7 @@ class ChunkEncoder:
 
     def delta(self, fields: Mapping[str, Any], finish_reason: str | None = None) -> bytes:
         finish = orjson.dumps(finish_reason)
-        return (
-            self._delta_prefix
-            + orjson.dumps(fields)
-            + b',"logprobs":null,"finish_reason":'
-            + finish
-            + b"}]}\n\n"
-        )
+        return self._delta_prefix + orjson.dumps(fields) + b',"logprobs":null,"finish_reason":' + finish + b"}]}\n\n"
 
     def role(self) -> bytes:
         return self.delta({"role": "assistant", "content": ""})

@@ -15,7 +15,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
-from contextlib import aclosing, contextmanager
+from contextlib import aclosing, contextmanager, suppress
 from email.utils import formatdate
 from functools import partial
 
@@ -26,8 +26,7 @@ import trio
 from trio_serve.app import App
 from trio_serve.config import Role
 from trio_serve.errors import ApiError, Overloaded, RequestTimeout
-from trio_serve.http import NEED_DATA, SERVER_HEADER, HttpConnection, Phase, Request, Response
-from trio_serve.http import new_request_id
+from trio_serve.http import NEED_DATA, SERVER_HEADER, HttpConnection, Phase, Request, Response, new_request_id
 from trio_serve.openai import error_response
 from trio_serve.providers.factory import make_provider
 
@@ -161,7 +160,7 @@ class HttpServer:
                 return None
             http.receive_data(data)
 
-    async def _receive(self, stream: trio.abc.Stream, phase: Phase, deadline: float) -> bytes | None:
+    async def _receive(self, stream: trio.abc.Stream, phase: Phase, deadline: float) -> bytes | bytearray | None:
         """Bytes from the client; None to close quietly; RequestTimeout if too slow."""
         with trio.move_on_at(deadline) as scope:
             if phase is Phase.IDLE:
@@ -229,10 +228,8 @@ class HttpServer:
         if not http.can_respond():
             return
         writer = _ResponseWriter(self, stream, http, None)
-        try:
+        with suppress(_ClientGone, trio.BrokenResourceError, trio.ClosedResourceError):
             await writer.write(error_response(error), close=True)
-        except (_ClientGone, trio.BrokenResourceError, trio.ClosedResourceError):
-            pass
 
 
 async def send_or_gone(stream: trio.abc.Stream, data: bytes) -> None:
@@ -386,5 +383,4 @@ async def serve(
 
 
 def _addresses(listeners: Sequence[trio.SocketListener]) -> tuple[tuple[str, int], ...]:
-    return tuple(tuple(listener.socket.getsockname()[:2]) for listener in listeners)  # type: ignore[misc]
-
+    return tuple((listener.socket.getsockname()[0], listener.socket.getsockname()[1]) for listener in listeners)

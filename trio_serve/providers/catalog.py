@@ -29,7 +29,6 @@ _OPENAI_COMPATIBLE: dict[str, tuple[str, str | None]] = {
 }
 
 PROVIDERS: dict[str, ProviderSpec] = {
-    name: ProviderSpec(wire="openai", base_url=url, key_env=env)
-    for name, (url, env) in _OPENAI_COMPATIBLE.items()
+    name: ProviderSpec(wire="openai", base_url=url, key_env=env) for name, (url, env) in _OPENAI_COMPATIBLE.items()
 }
 PROVIDERS["echo"] = ProviderSpec(wire="echo", base_url=None, key_env=None)

@@ -7,7 +7,7 @@ like a real model, for demos and load tests.
 from __future__ import annotations
 
 import re
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from contextlib import asynccontextmanager
 
 import trio
@@ -36,7 +36,7 @@ class EchoProvider:
         finally:
             await events.aclose()
 
-    async def _events(self, call: ModelCall) -> AsyncIterator[Event]:
+    async def _events(self, call: ModelCall) -> AsyncGenerator[Event, None]:
         user_messages = [m for m in call.messages if m["role"] == "user"]
         tokens = echo_reply(text_of(user_messages[-1]) if user_messages else "")
         sent = tokens[: call.max_tokens]

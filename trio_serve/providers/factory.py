@@ -27,9 +27,7 @@ def provider_api_key(model: ModelConfig, env: Mapping[str, str]) -> str | None:
     key = env.get(variable, "").strip()
     required = model.api_key_env is not None or model.base_url is None
     if not key and required:
-        raise StartupError(
-            f"the {model.provider} provider needs an API key: set the environment variable {variable}"
-        )
+        raise StartupError(f"the {model.provider} provider needs an API key: set the environment variable {variable}")
     return key or None
 
 

@@ -7,7 +7,7 @@ leaving the context closes the HTTP request so the provider stops generating.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncGenerator, AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -22,9 +22,7 @@ from trio_serve.sse import SseDecoder
 
 
 class OpenAICompatible:
-    def __init__(
-        self, *, client: httpx.AsyncClient, base_url: str, api_key: str | None, model: ModelConfig
-    ) -> None:
+    def __init__(self, *, client: httpx.AsyncClient, base_url: str, api_key: str | None, model: ModelConfig) -> None:
         self._client = client
         self._url = f"{base_url}/chat/completions"
         self._model = model
@@ -75,7 +73,7 @@ class OpenAICompatible:
         return body
 
 
-async def _events(response: httpx.Response) -> AsyncIterator[Event]:
+async def _events(response: httpx.Response) -> AsyncGenerator[Event, None]:
     decoder = SseDecoder()
     finished = False
     try:
