@@ -22,7 +22,7 @@ from trio_serve.app import App
 from trio_serve.http import MAX_HEAD_BYTES, Request, Response
 from trio_serve.providers.base import Delta, Event, ModelCall, Provider
 from trio_serve.providers.echo import EchoProvider
-from trio_serve.server import HEAD_TIMEOUT_S, KEEPALIVE_IDLE_S, HttpServer
+from trio_serve.server import HEAD_TIMEOUT_S, KEEPALIVE_IDLE_S, SEND_TIMEOUT_S, HttpServer
 
 CHAT = b'{"messages": [{"role": "user", "content": "hi there"}]}'
 STREAM_CHAT = b'{"stream": true, "messages": [{"role": "user", "content": "hi there"}]}'
@@ -336,3 +336,20 @@ async def test_request_arriving_during_shutdown_finishes_with_connection_close(n
         await client.stream.send_all(b"\r\n\r\n")
         code, headers, body = parse_raw(await read_until_closed(client.stream))
         assert (code, headers["connection"], body) == (200, "close", b'{"status":"ok"}')
+
+
+async def test_client_that_stops_reading_is_dropped_and_its_provider_closed(
+    nursery: trio.Nursery, autojump_clock: trio.testing.MockClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    provider = EndlessProvider(gap_s=0.001)
+    # A lockstep pair has no buffer: a send waits until the client reads.
+    client_side, server_side = trio.testing.lockstep_stream_pair()
+    nursery.start_soon(make_server(provider).handle_connection, server_side)
+    client = Client(client_side)
+    with trio.fail_after(SEND_TIMEOUT_S * 2):
+        await client.request("POST", "/v1/chat/completions", STREAM_CHAT)
+        await provider.opened.wait()
+        start = trio.current_time()
+        await provider.closed.wait()  # the client never reads a byte
+        assert trio.current_time() - start == pytest.approx(SEND_TIMEOUT_S)
+    assert "unexpected error" not in caplog.text

@@ -10,7 +10,7 @@ from __future__ import annotations
 import hmac
 import os
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncGenerator, Awaitable, Callable, Mapping
 from typing import Any
 
 import orjson
@@ -137,7 +137,9 @@ class App:
         )
         return Response(status=200, headers=JSON_HEADERS, body=body)
 
-    async def _relay(self, call: ModelCall, encoder: ChunkEncoder, *, include_usage: bool) -> AsyncIterator[bytes]:
+    async def _relay(
+        self, call: ModelCall, encoder: ChunkEncoder, *, include_usage: bool
+    ) -> AsyncGenerator[bytes, None]:
         """SSE frames: the role chunk, one chunk per model delta, finish, usage, [DONE].
 
         Entering the provider happens before the first frame, so a refusal

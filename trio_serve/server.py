@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
+from collections.abc import AsyncGenerator, Awaitable, Callable, Iterator, Sequence
 from contextlib import aclosing, contextmanager, suppress
 from email.utils import formatdate
 from functools import partial
@@ -182,8 +182,14 @@ class HttpServer:
         watch = _Watch()
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._watch_for_disconnect, stream, http, nursery.cancel_scope, watch)
-            await self._respond(stream, http, request)
-            nursery.cancel_scope.cancel()
+            try:
+                await self._respond(stream, http, request)
+            except _ClientGone:
+                # Caught here, not above: out of a nursery it would come wrapped
+                # in an ExceptionGroup and look like a bug.
+                watch.client_gone = True
+            finally:
+                nursery.cancel_scope.cancel()
         return not watch.client_gone
 
     async def _watch_for_disconnect(
@@ -208,7 +214,7 @@ class HttpServer:
     # -- answering -----------------------------------------------------------
 
     async def _respond(self, stream: trio.abc.Stream, http: HttpConnection, request: Request) -> None:
-        writer = _ResponseWriter(self, stream, http, request)
+        writer = _ResponseWriter(stream, http, request, self._base_headers)
         with self._work_scope() as work:
             response = await self._call_app(request)
             await writer.write(response)
@@ -224,10 +230,16 @@ class HttpServer:
             log.exception("unexpected error answering %s %s", request.method, request.path)
             return error_response(ApiError("Internal server error."))
 
+    def _base_headers(self, request_id: str, close: bool) -> list[tuple[str, str]]:
+        headers = [SERVER_HEADER, ("date", self._date.now()), ("x-request-id", request_id)]
+        if close or self._draining:
+            headers.append(("connection", "close"))
+        return headers
+
     async def _send_error(self, stream: trio.abc.Stream, http: HttpConnection, error: ApiError) -> None:
         if not http.can_respond():
             return
-        writer = _ResponseWriter(self, stream, http, None)
+        writer = _ResponseWriter(stream, http, None, self._base_headers)
         with suppress(_ClientGone, trio.BrokenResourceError, trio.ClosedResourceError):
             await writer.write(error_response(error), close=True)
 
@@ -247,13 +259,17 @@ class _ResponseWriter:
     """Writes one response: whole, or streamed chunk by chunk as the app yields."""
 
     def __init__(
-        self, server: HttpServer, stream: trio.abc.Stream, http: HttpConnection, request: Request | None
+        self,
+        stream: trio.abc.Stream,
+        http: HttpConnection,
+        request: Request | None,
+        base_headers: Callable[[str, bool], list[tuple[str, str]]],
     ) -> None:
-        self._server = server
         self._stream = stream
         self._http = http
         self._request_id = request.request_id if request else new_request_id()
         self._head_only = request is not None and request.method == "HEAD"
+        self._base_headers = base_headers
         self._abort_tail: bytes | None = None  # set once a stream's head went out
         self._interrupted = False  # a send was cut mid-way: the byte stream is torn
 
@@ -276,8 +292,8 @@ class _ResponseWriter:
             out += self._http.body(response.body)
         await self._send(out + self._http.end())
 
-    async def _write_stream(self, response: Response, chunks: AsyncIterator[bytes]) -> None:
-        async with aclosing(chunks):  # type: ignore[type-var]
+    async def _write_stream(self, response: Response, chunks: AsyncGenerator[bytes, None]) -> None:
+        async with aclosing(chunks):
             try:
                 first = await anext(chunks)
             except ApiError as exc:
@@ -305,10 +321,8 @@ class _ResponseWriter:
             await self._write_whole(error_response(refusal), close=True)
 
     def _headers(self, response: Response, *, close: bool) -> list[tuple[str, str]]:
-        headers = [SERVER_HEADER, ("date", self._server._date.now()), ("x-request-id", self._request_id)]
+        headers = self._base_headers(self._request_id, close)
         headers.extend(response.headers)
-        if close or self._server._draining:
-            headers.append(("connection", "close"))
         return headers
 
 
