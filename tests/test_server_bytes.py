@@ -339,17 +339,19 @@ async def test_request_arriving_during_shutdown_finishes_with_connection_close(n
 
 
 async def test_client_that_stops_reading_is_dropped_and_its_provider_closed(
-    nursery: trio.Nursery, autojump_clock: trio.testing.MockClock, caplog: pytest.LogCaptureFixture
+    autojump_clock: trio.testing.MockClock, caplog: pytest.LogCaptureFixture
 ) -> None:
     provider = EndlessProvider(gap_s=0.001)
     # A lockstep pair has no buffer: a send waits until the client reads.
     client_side, server_side = trio.testing.lockstep_stream_pair()
-    nursery.start_soon(make_server(provider).handle_connection, server_side)
     client = Client(client_side)
     with trio.fail_after(SEND_TIMEOUT_S * 2):
-        await client.request("POST", "/v1/chat/completions", STREAM_CHAT)
-        await provider.opened.wait()
-        start = trio.current_time()
-        await provider.closed.wait()  # the client never reads a byte
-        assert trio.current_time() - start == pytest.approx(SEND_TIMEOUT_S)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(make_server(provider).handle_connection, server_side)
+            await client.request("POST", "/v1/chat/completions", STREAM_CHAT)
+            await provider.opened.wait()
+            start = trio.current_time()
+            await provider.closed.wait()  # the client never reads a byte
+            assert trio.current_time() - start == pytest.approx(SEND_TIMEOUT_S)
+        # The nursery waited for the connection task: it ended quietly.
     assert "unexpected error" not in caplog.text
