@@ -10,6 +10,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
+import attrs
 import h11
 import orjson
 import pytest
@@ -19,6 +20,7 @@ import trio.testing
 from tests.conftest import IO_TIMEOUT_S, make_role, sse_events
 from tests.openai_schema import check_chunk, check_error
 from trio_serve.app import App
+from trio_serve.config import Guardrails, Role, ServerLimits
 from trio_serve.http import MAX_HEAD_BYTES, Request, Response
 from trio_serve.providers.base import Delta, Event, ModelCall, Provider
 from trio_serve.providers.echo import EchoProvider
@@ -31,8 +33,9 @@ STREAM_CHAT = b'{"stream": true, "messages": [{"role": "user", "content": "hi th
 class EndlessProvider:
     """Streams a token every `gap_s` until closed, and records when that happens."""
 
-    def __init__(self, gap_s: float = 0.01) -> None:
+    def __init__(self, gap_s: float = 0.01, first_token_after_s: float = 0.0) -> None:
         self.gap_s = gap_s
+        self.first_token_after_s = first_token_after_s
         self.opened = trio.Event()
         self.closed = trio.Event()
 
@@ -40,6 +43,7 @@ class EndlessProvider:
     async def stream(self, call: ModelCall) -> AsyncIterator[AsyncIterator[Event]]:
         self.opened.set()
         try:
+            await trio.sleep(self.first_token_after_s)  # like a provider slow to answer at all
             yield self._events()
         finally:
             self.closed.set()
@@ -52,8 +56,10 @@ class EndlessProvider:
             await trio.sleep(self.gap_s)
 
 
-def make_server(provider: Provider | None = None, *, max_body: int = 1000, app: Any = None) -> HttpServer:
-    role = make_role(max_body=max_body)
+def make_server(
+    provider: Provider | None = None, *, max_body: int = 1000, app: Any = None, role: Role | None = None
+) -> HttpServer:
+    role = role or make_role(max_body=max_body)
     app = app or App(role=role, provider=provider or EchoProvider(), api_key=None, created=1)
     return HttpServer(app, max_body_bytes=max_body, grace_s=5.0)
 
@@ -355,3 +361,57 @@ async def test_client_that_stops_reading_is_dropped_and_its_provider_closed(
             assert trio.current_time() - start == pytest.approx(SEND_TIMEOUT_S)
         # The nursery waited for the connection task: it ended quietly.
     assert "unexpected error" not in caplog.text
+
+
+async def test_silent_model_gets_keep_alive_comments(
+    nursery: trio.Nursery, autojump_clock: trio.testing.MockClock
+) -> None:
+    role = attrs.evolve(make_role(), server=ServerLimits(sse_keepalive_seconds=15))
+    provider = EndlessProvider(gap_s=40)
+    with trio.fail_after(200):
+        client = await connect(nursery, make_server(provider, role=role))
+        start = trio.current_time()
+        await client.request("POST", "/v1/chat/completions", STREAM_CHAT)
+        assert isinstance(await client.next_event(), h11.Response)
+        frames = []
+        while len(frames) < 6:
+            event = await client.next_event()
+            frames.append((round(trio.current_time() - start), bytes(event.data)))
+    kinds = [(t, b"keep-alive" if data == b": keep-alive\n\n" else b"chunk") for t, data in frames]
+    assert kinds == [(0, b"chunk"), (0, b"chunk"), (15, b"keep-alive"), (30, b"keep-alive"),
+                     (40, b"chunk"), (55, b"keep-alive")]  # fmt: skip
+
+
+def timed_role(seconds: float) -> Role:
+    return attrs.evolve(make_role(), guardrails=Guardrails(timeout_seconds=seconds))
+
+
+@pytest.mark.parametrize("body", [CHAT, STREAM_CHAT], ids=["plain", "stream"])
+async def test_model_too_slow_to_start_is_a_504(
+    nursery: trio.Nursery, autojump_clock: trio.testing.MockClock, body: bytes
+) -> None:
+    provider = EndlessProvider(first_token_after_s=3600)
+    with trio.fail_after(60):
+        client = await connect(nursery, make_server(provider, role=timed_role(5)))
+        await client.request("POST", "/v1/chat/completions", body)
+        response, error = await client.response()
+        assert response.status_code == 504
+        check_error(orjson.loads(error))
+        assert orjson.loads(error)["error"]["type"] == "timeout"
+        assert provider.closed.is_set()
+
+
+async def test_model_too_slow_to_finish_a_stream_ends_in_band(
+    nursery: trio.Nursery, autojump_clock: trio.testing.MockClock
+) -> None:
+    provider = EndlessProvider(gap_s=1)
+    with trio.fail_after(60):
+        client = await connect(nursery, make_server(provider, role=timed_role(5)))
+        await client.request("POST", "/v1/chat/completions", STREAM_CHAT)
+        response, body = await client.response()
+        assert response.status_code == 200
+        events = sse_events(body)
+        assert events[-2]["error"]["type"] == "timeout"
+        assert events[-1] == "[DONE]"
+        assert len(events) == 2 + 1 + 5  # role chunk, tokens at 0..4 s, then error and [DONE]
+        assert provider.closed.is_set()

@@ -10,26 +10,30 @@ from __future__ import annotations
 import hmac
 import os
 import time
-from collections.abc import AsyncGenerator, Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from functools import partial
 from typing import Any
 
 import orjson
+import trio
 
 from trio_serve.config import Role
 from trio_serve.errors import (
     ApiError,
     AuthenticationFailed,
+    GatewayTimeout,
     MethodNotAllowed,
     NotFound,
     Overloaded,
     UnsupportedMediaType,
     UpstreamError,
 )
-from trio_serve.http import Request, Response
+from trio_serve.http import Request, Response, Send
 from trio_serve.openai import (
     JSON_HEADERS,
     SSE_DONE,
     SSE_HEADERS,
+    SSE_KEEPALIVE,
     ChatRequest,
     ChunkEncoder,
     MessageAssembler,
@@ -38,7 +42,7 @@ from trio_serve.openai import (
     model_call,
     sse_error,
 )
-from trio_serve.providers.base import Delta, Finish, ModelCall, Provider, Usage
+from trio_serve.providers.base import Delta, Event, Finish, ModelCall, Provider, Usage
 
 Handler = Callable[["App", Request], Awaitable[Response]]
 
@@ -59,6 +63,7 @@ class App:
     ) -> None:
         self._role = role
         self._provider = provider
+        self._timeout_s = role.guardrails.timeout_seconds
         self._key = api_key.encode("utf-8") if api_key else None
         self._wall_clock = wall_clock
         self._model = {"id": role.name, "object": "model", "created": created, "owned_by": "initrunner"}
@@ -124,8 +129,14 @@ class App:
         created = int(self._wall_clock())
         if chat.stream:
             encoder = ChunkEncoder(completion_id=completion_id, created=created, model=self._role.name)
-            frames = self._relay(call, encoder, include_usage=chat.include_usage)
-            return Response(status=200, headers=SSE_HEADERS, stream=frames, abort_tail=SHUTDOWN_TAIL)
+            return Response(
+                status=200,
+                headers=SSE_HEADERS,
+                produce=partial(self._relay, call, encoder, chat.include_usage),
+                heartbeat=SSE_KEEPALIVE,
+                heartbeat_s=self._role.server.sse_keepalive_seconds,
+                abort_tail=SHUTDOWN_TAIL,
+            )
         message, finish_reason, usage = await self._complete(call)
         body = completion_body(
             completion_id=completion_id,
@@ -137,47 +148,64 @@ class App:
         )
         return Response(status=200, headers=JSON_HEADERS, body=body)
 
-    async def _relay(
-        self, call: ModelCall, encoder: ChunkEncoder, *, include_usage: bool
-    ) -> AsyncGenerator[bytes, None]:
+    async def _relay(self, call: ModelCall, encoder: ChunkEncoder, include_usage: bool, send: Send) -> None:
         """SSE frames: the role chunk, one chunk per model delta, finish, usage, [DONE].
 
-        Entering the provider happens before the first frame, so a refusal
-        there is still answered with an HTTP error status.
+        A failure before the role chunk is raised, so the client gets an HTTP
+        error status; after it, the failure is sent in-band and ends the stream.
         """
-        usage: Usage | None = None
-        async with self._provider.stream(call) as events:
-            yield encoder.role()
-            try:
-                async for event in events:
-                    if isinstance(event, Delta):
-                        yield encoder.delta(event.fields)
-                    elif isinstance(event, Finish):
-                        yield encoder.finish(event.reason)
-                    else:
-                        usage = event
-            except ApiError as exc:
-                yield sse_error(exc)
-                return
+        started = False
+        try:
+            with trio.fail_after(self._timeout_s):
+                async with self._provider.stream(call) as events:
+                    await send(encoder.role())
+                    started = True
+                    usage = await _relay_events(events, encoder, send)
+        except (ApiError, trio.TooSlowError) as exc:
+            error = exc if isinstance(exc, ApiError) else self._timed_out()
+            if not started:
+                raise error from None
+            await send(sse_error(error))
+            return
         if include_usage and usage is not None:
-            yield encoder.usage(usage)
-        yield SSE_DONE
+            await send(encoder.usage(usage))
+        await send(SSE_DONE)
 
     async def _complete(self, call: ModelCall) -> tuple[dict[str, Any], str, Usage | None]:
         assembler = MessageAssembler()
         finish_reason: str | None = None
         usage: Usage | None = None
-        async with self._provider.stream(call) as events:
-            async for event in events:
-                if isinstance(event, Delta):
-                    assembler.add(event.fields)
-                elif isinstance(event, Finish):
-                    finish_reason = event.reason
-                else:
-                    usage = event
+        try:
+            with trio.fail_after(self._timeout_s):
+                async with self._provider.stream(call) as events:
+                    async for event in events:
+                        if isinstance(event, Delta):
+                            assembler.add(event.fields)
+                        elif isinstance(event, Finish):
+                            finish_reason = event.reason
+                        else:
+                            usage = event
+        except trio.TooSlowError:
+            raise self._timed_out() from None
         if finish_reason is None:
             raise UpstreamError("The model provider ended without saying why it stopped.")
         return assembler.message(), finish_reason, usage
+
+    def _timed_out(self) -> GatewayTimeout:
+        return GatewayTimeout(f"The model did not finish within the agent's {self._timeout_s:g} s time limit.")
+
+
+async def _relay_events(events: AsyncIterator[Event], encoder: ChunkEncoder, send: Send) -> Usage | None:
+    """Send one chunk per delta, as it comes; return the usage, sent last if asked."""
+    usage: Usage | None = None
+    async for event in events:
+        if isinstance(event, Delta):
+            await send(encoder.delta(event.fields))
+        elif isinstance(event, Finish):
+            await send(encoder.finish(event.reason))
+        else:
+            usage = event
+    return usage
 
 
 _READ = frozenset({"GET", "HEAD"})

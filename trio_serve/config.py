@@ -231,11 +231,12 @@ class ServerLimits:
     max_conversations: int = 1000
     conversation_ttl_seconds: float = 3600.0
     require_https: bool = False
+    sse_keepalive_seconds: float = 15.0  # a comment line after this much model silence
 
     KEYS = frozenset(
         {
             "cors_origins", "max_request_body_bytes", "max_conversations",
-            "conversation_ttl_seconds", "require_https",
+            "conversation_ttl_seconds", "require_https", "sse_keepalive_seconds",
         }
     )  # fmt: skip
 
@@ -247,6 +248,7 @@ class ServerLimits:
             max_conversations=fields.integer("max_conversations", 1000),
             conversation_ttl_seconds=fields.number("conversation_ttl_seconds", 3600.0, 1.0, 1e9),
             require_https=fields.boolean("require_https", False),
+            sse_keepalive_seconds=fields.number("sse_keepalive_seconds", 15.0, 1.0, 3600.0),
         )
 
 

@@ -8,9 +8,10 @@ every request gets an id. The server module owns the sockets and the clocks.
 from __future__ import annotations
 
 import enum
+import math
 import os
 import re
-from collections.abc import AsyncGenerator, Iterable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from http import HTTPStatus
 
 import attrs
@@ -34,20 +35,29 @@ class Request:
     client: str = ""
 
 
+Send = Callable[[bytes], Awaitable[None]]
+"""Writes one chunk of a streamed body to the client, as it is, at once."""
+
+
 @attrs.frozen(kw_only=True)
 class Response:
-    """A whole body, or a stream of chunks the server writes as they come.
+    """A whole body, or a producer that sends chunks as they come.
 
-    The head of a streamed response is sent only once its first chunk is ready,
-    so a failure before that is still answered with a proper HTTP error.
-    `abort_tail` is written when the server has to cut a started stream short
-    (graceful shutdown), so the client learns why instead of seeing a hang-up.
+    `produce(send)` runs in the request's task and may use nurseries and cancel
+    scopes freely. The head goes out with its first chunk, so an ApiError it
+    raises before sending anything is still answered with a proper HTTP error.
+    While it is silent for `heartbeat_s`, the server sends `heartbeat` (SSE
+    keep-alive comments keep proxies from closing a stream the model is slow
+    to fill). `abort_tail` is written when the server has to cut a started
+    stream short (graceful shutdown), so the client learns why.
     """
 
     status: int
     headers: tuple[tuple[str, str], ...] = ()
     body: bytes = b""
-    stream: AsyncGenerator[bytes, None] | None = None
+    produce: Callable[[Send], Awaitable[None]] | None = None
+    heartbeat: bytes = b""
+    heartbeat_s: float = math.inf
     abort_tail: bytes = b""
 
 

@@ -25,6 +25,7 @@ DELTA_KEYS = ("content", "tool_calls", "refusal")
 MAX_STOP_SEQUENCES = 4  # the OpenAI API's own limit
 
 SSE_DONE = b"data: [DONE]\n\n"
+SSE_KEEPALIVE = b": keep-alive\n\n"  # a comment line: clients ignore it, proxies see traffic
 SSE_HEADERS = (
     ("content-type", "text/event-stream"),
     ("cache-control", "no-cache"),

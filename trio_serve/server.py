@@ -14,8 +14,8 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import AsyncGenerator, Awaitable, Callable, Iterator, Sequence
-from contextlib import aclosing, contextmanager, suppress
+from collections.abc import Awaitable, Callable, Iterator, Sequence
+from contextlib import contextmanager, suppress
 from email.utils import formatdate
 from functools import partial
 
@@ -26,7 +26,7 @@ import trio
 from trio_serve.app import App
 from trio_serve.config import Role
 from trio_serve.errors import ApiError, Overloaded, RequestTimeout
-from trio_serve.http import NEED_DATA, SERVER_HEADER, HttpConnection, Phase, Request, Response, new_request_id
+from trio_serve.http import NEED_DATA, SERVER_HEADER, HttpConnection, Phase, Request, Response, Send, new_request_id
 from trio_serve.openai import error_response
 from trio_serve.providers.factory import make_provider
 
@@ -183,7 +183,7 @@ class HttpServer:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._watch_for_disconnect, stream, http, nursery.cancel_scope, watch)
             try:
-                await self._respond(stream, http, request)
+                await self._respond(stream, http, request, nursery)
             except _ClientGone:
                 # Caught here, not above: out of a nursery it would come wrapped
                 # in an ExceptionGroup and look like a bug.
@@ -213,8 +213,10 @@ class HttpServer:
 
     # -- answering -----------------------------------------------------------
 
-    async def _respond(self, stream: trio.abc.Stream, http: HttpConnection, request: Request) -> None:
-        writer = _ResponseWriter(stream, http, request, self._base_headers)
+    async def _respond(
+        self, stream: trio.abc.Stream, http: HttpConnection, request: Request, nursery: trio.Nursery
+    ) -> None:
+        writer = _ResponseWriter(stream, http, request, self._base_headers, nursery)
         with self._work_scope() as work:
             response = await self._call_app(request)
             await writer.write(response)
@@ -256,7 +258,11 @@ async def send_or_gone(stream: trio.abc.Stream, data: bytes) -> None:
 
 
 class _ResponseWriter:
-    """Writes one response: whole, or streamed chunk by chunk as the app yields."""
+    """Writes one response: whole, or streamed chunk by chunk as the app sends.
+
+    Sends are serialised by a lock because a heartbeat task may write between
+    the app's chunks; `_ended` keeps it from writing after the last one.
+    """
 
     def __init__(
         self,
@@ -264,25 +270,38 @@ class _ResponseWriter:
         http: HttpConnection,
         request: Request | None,
         base_headers: Callable[[str, bool], list[tuple[str, str]]],
+        nursery: trio.Nursery | None = None,
     ) -> None:
         self._stream = stream
         self._http = http
         self._request_id = request.request_id if request else new_request_id()
         self._head_only = request is not None and request.method == "HEAD"
         self._base_headers = base_headers
+        self._nursery = nursery  # where a stream's heartbeat task runs
+        self._lock = trio.StrictFIFOLock()
+        self._last_send = trio.current_time()
+        self._head_sent = False
+        self._ended = False
         self._abort_tail: bytes | None = None  # set once a stream's head went out
         self._interrupted = False  # a send was cut mid-way: the byte stream is torn
 
+    async def write(self, response: Response, *, close: bool = False) -> None:
+        if response.produce is None:
+            await self._write_whole(response, close=close)
+        else:
+            await self._write_stream(response, response.produce)
+
     async def _send(self, data: bytes) -> None:
+        async with self._lock:
+            await self._send_locked(data)
+
+    async def _send_locked(self, data: bytes) -> None:
+        if self._interrupted:
+            raise _ClientGone()  # an earlier send was cut mid-way: nothing sent now could be parsed
         self._interrupted = True
         await send_or_gone(self._stream, data)
         self._interrupted = False
-
-    async def write(self, response: Response, *, close: bool = False) -> None:
-        if response.stream is None:
-            await self._write_whole(response, close=close)
-        else:
-            await self._write_stream(response, response.stream)
+        self._last_send = trio.current_time()
 
     async def _write_whole(self, response: Response, *, close: bool) -> None:
         headers = self._headers(response, close=close)
@@ -292,31 +311,49 @@ class _ResponseWriter:
             out += self._http.body(response.body)
         await self._send(out + self._http.end())
 
-    async def _write_stream(self, response: Response, chunks: AsyncGenerator[bytes, None]) -> None:
-        async with aclosing(chunks):
-            try:
-                first = await anext(chunks)
-            except ApiError as exc:
-                await self._write_whole(error_response(exc), close=False)
-                return
-            except StopAsyncIteration:
-                first = b""
-            head = self._http.response_head(response.status, self._headers(response, close=False))
-            self._abort_tail = response.abort_tail
-            await self._send(head + self._http.body(first))
-            async for chunk in chunks:
-                await self._send(self._http.body(chunk))
-        self._abort_tail = None
-        await self._send(self._http.end())
+    async def _write_stream(self, response: Response, produce: Callable[[Send], Awaitable[None]]) -> None:
+        try:
+            await produce(partial(self._send_chunk, response))
+        except ApiError as exc:
+            if self._head_sent:
+                raise  # a producer reports late failures in-band; this one is a bug
+            await self._write_whole(error_response(exc), close=False)
+            return
+        if not self._head_sent:
+            await self._send_chunk(response, b"")
+        async with self._lock:
+            self._ended, self._abort_tail = True, None
+            await self._send_locked(self._http.end())
+
+    async def _send_chunk(self, response: Response, chunk: bytes) -> None:
+        if self._head_sent:
+            await self._send(self._http.body(chunk))
+            return
+        head = self._http.response_head(response.status, self._headers(response, close=False))
+        self._head_sent, self._abort_tail = True, response.abort_tail
+        if response.heartbeat and self._nursery is not None:
+            self._nursery.start_soon(self._heartbeat, response.heartbeat, response.heartbeat_s)
+        await self._send(head + self._http.body(chunk))
+
+    async def _heartbeat(self, frame: bytes, interval_s: float) -> None:
+        while True:
+            await trio.sleep_until(self._last_send + interval_s)
+            async with self._lock:
+                if self._ended or self._interrupted:
+                    return
+                if trio.current_time() >= self._last_send + interval_s:
+                    await self._send_locked(self._http.body(frame))
 
     async def abort(self) -> None:
         """The shutdown grace ran out: end what was started, or refuse politely."""
-        if self._interrupted:
-            return  # half a frame went out; nothing sent now could be parsed
-        if self._abort_tail is not None:
-            tail, self._abort_tail = self._abort_tail, None
-            await self._send(self._http.body(tail) + self._http.end())
-        elif self._http.can_respond():
+        async with self._lock:
+            if self._interrupted or self._ended:
+                return  # half a frame went out, or nothing is left to end
+            if self._abort_tail is not None:
+                self._ended = True
+                await self._send_locked(self._http.body(self._abort_tail) + self._http.end())
+                return
+        if self._http.can_respond():
             refusal = Overloaded("The server is shutting down.", headers=[("retry-after", "1")])
             await self._write_whole(error_response(refusal), close=True)
 
