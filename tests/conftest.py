@@ -12,10 +12,12 @@ import trio
 
 from tests.fake_upstream import FakeUpstream
 from trio_serve.config import ModelConfig, Role, ServerLimits
+from trio_serve.providers.upstream import RetryPolicy
 from trio_serve.server import Running, ServeOptions, serve
 
 IO_TIMEOUT_S = 10  # every IO test runs under trio.fail_after(IO_TIMEOUT_S)
 CLIENT_KEY = "client-secret-key"
+FAST_RETRY = RetryPolicy(backoff_base_s=0.001, retry_after_cap_s=0.01)  # real sockets: no mock clock
 
 
 def make_role(*, agent: str = "test-agent", max_body: int = 1_048_576, **model: Any) -> Role:
@@ -50,6 +52,7 @@ def start_server(nursery: trio.Nursery) -> StartServer:
 
     async def start(role: Role, **options: Any) -> Running:
         listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+        options.setdefault("retry", FAST_RETRY)
         return await nursery.start(serve, ServeOptions(role=role, **options), listeners)
 
     return start

@@ -201,12 +201,13 @@ async def test_models_endpoints_through_the_sdk(start_server: StartServer) -> No
 
 
 async def test_provider_failure_is_a_502_envelope(start_server: StartServer, upstream: FakeUpstream) -> None:
-    upstream.script(Script(status=500), Script(status=500))
+    upstream.script(*[Script(status=500)] * 6)  # each request: the first try and two retries
     with trio.fail_after(IO_TIMEOUT_S):
         running = await start_server(upstream_role(upstream), provider_key=UPSTREAM_KEY)
         with pytest.raises(openai.APIStatusError) as info:
             await in_thread(sdk(running).chat.completions.create, model="m", messages=HELLO)
         assert info.value.status_code == 502
+        assert len(upstream.exchanges) == 3
         # Streamed too: the failure comes before the stream starts, so it is an HTTP error.
         response = await raw_post(running, {"messages": HELLO, "stream": True})
         assert response.status_code == 502

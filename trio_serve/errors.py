@@ -79,6 +79,11 @@ class UnsupportedMediaType(ApiError):
     type = "invalid_request_error"
 
 
+class RateLimited(ApiError):
+    status = 429
+    type = "rate_limit_exceeded"
+
+
 class HeaderTooLarge(ApiError):
     status = 431
     type = "invalid_request_error"
@@ -99,26 +104,3 @@ class Overloaded(ApiError):
 class GatewayTimeout(ApiError):
     status = 504
     type = "timeout"
-
-
-_BY_STATUS: dict[int, type[ApiError]] = {
-    cls.status: cls
-    for cls in (
-        InvalidRequest,
-        AuthenticationFailed,
-        NotFound,
-        RequestTimeout,
-        PayloadTooLarge,
-        UnsupportedMediaType,
-        HeaderTooLarge,
-        UpstreamError,
-        Overloaded,
-        GatewayTimeout,
-    )
-}
-
-
-def error_for_status(status: int, message: str) -> ApiError:
-    """The ApiError for an HTTP status chosen elsewhere (h11's error hints)."""
-    cls = _BY_STATUS.get(status, InvalidRequest if 400 <= status < 500 else ApiError)
-    return cls(message)

@@ -29,6 +29,7 @@ from trio_serve.errors import ApiError, Overloaded, RequestTimeout
 from trio_serve.http import NEED_DATA, SERVER_HEADER, HttpConnection, Phase, Request, Response, Send, new_request_id
 from trio_serve.openai import error_response
 from trio_serve.providers.factory import make_provider
+from trio_serve.providers.upstream import DEFAULT_RETRY, RetryPolicy
 
 log = logging.getLogger("trio_serve")
 
@@ -398,6 +399,7 @@ class ServeOptions:
     provider_key: str | None = None
     created: int = 0  # the /v1/models `created` time, fixed for the process
     grace_s: float = SHUTDOWN_GRACE_S
+    retry: RetryPolicy = DEFAULT_RETRY
 
 
 @attrs.frozen
@@ -417,10 +419,11 @@ async def serve(
 ) -> None:
     """Run the server on bound listeners until shut down, then drain and return."""
     role = options.role
-    timeout = httpx.Timeout(role.guardrails.timeout_seconds, connect=UPSTREAM_CONNECT_TIMEOUT_S)
+    # No read timeout of httpx's own: guardrails.timeout_seconds bounds the whole call.
+    timeout = httpx.Timeout(None, connect=UPSTREAM_CONNECT_TIMEOUT_S)
     limits = httpx.Limits(max_connections=None, max_keepalive_connections=128)
     async with httpx.AsyncClient(timeout=timeout, limits=limits, trust_env=False) as client:
-        provider = make_provider(role.model, client=client, api_key=options.provider_key)
+        provider = make_provider(role.model, client=client, api_key=options.provider_key, retry=options.retry)
         app = App(role=role, provider=provider, api_key=options.api_key, created=options.created)
         server = HttpServer(app, max_body_bytes=role.server.max_request_body_bytes, grace_s=options.grace_s)
         async with trio.open_nursery() as background:

@@ -10,7 +10,7 @@ import attrs
 
 @attrs.frozen(kw_only=True)
 class ProviderSpec:
-    wire: str  # "openai" or "echo": which client module speaks to it
+    wire: str  # "openai", "anthropic" or "echo": which module speaks to it
     base_url: str | None  # None: no network (echo) or the role must give one
     key_env: str | None  # environment variable holding the key; None: no key needed
 
@@ -31,4 +31,7 @@ _OPENAI_COMPATIBLE: dict[str, tuple[str, str | None]] = {
 PROVIDERS: dict[str, ProviderSpec] = {
     name: ProviderSpec(wire="openai", base_url=url, key_env=env) for name, (url, env) in _OPENAI_COMPATIBLE.items()
 }
+PROVIDERS["anthropic"] = ProviderSpec(
+    wire="anthropic", base_url="https://api.anthropic.com", key_env="ANTHROPIC_API_KEY"
+)
 PROVIDERS["echo"] = ProviderSpec(wire="echo", base_url=None, key_env=None)

@@ -8,10 +8,12 @@ import httpx
 
 from trio_serve.config import ModelConfig
 from trio_serve.errors import StartupError
+from trio_serve.providers.anthropic import Anthropic
 from trio_serve.providers.base import Provider
 from trio_serve.providers.catalog import PROVIDERS
 from trio_serve.providers.echo import EchoProvider
 from trio_serve.providers.openai_compat import OpenAICompatible
+from trio_serve.providers.upstream import DEFAULT_RETRY, RetryPolicy, Upstream
 
 
 def provider_api_key(model: ModelConfig, env: Mapping[str, str]) -> str | None:
@@ -31,11 +33,15 @@ def provider_api_key(model: ModelConfig, env: Mapping[str, str]) -> str | None:
     return key or None
 
 
-def make_provider(model: ModelConfig, *, client: httpx.AsyncClient, api_key: str | None) -> Provider:
+def make_provider(
+    model: ModelConfig, *, client: httpx.AsyncClient, api_key: str | None, retry: RetryPolicy = DEFAULT_RETRY
+) -> Provider:
     spec = PROVIDERS[model.provider]
     if spec.wire == "echo":
         return EchoProvider(delay_s=model.delay_ms / 1000)
     base_url = model.base_url or spec.base_url
     if base_url is None:
         raise StartupError(f"the {model.provider} provider needs model.base_url")
-    return OpenAICompatible(client=client, base_url=base_url, api_key=api_key, model=model)
+    upstream = Upstream(client=client, provider=model.provider, secrets=(api_key,) if api_key else (), retry=retry)
+    wire = Anthropic if spec.wire == "anthropic" else OpenAICompatible
+    return wire(upstream=upstream, base_url=base_url, api_key=api_key, model=model)

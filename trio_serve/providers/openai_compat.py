@@ -1,14 +1,15 @@
 """Providers that speak the OpenAI chat completions wire format, over httpx.
 
-Always streams upstream, whatever the client asked: usage is requested with
-`stream_options.include_usage`, each upstream delta becomes one `Delta`, and
-leaving the context closes the HTTP request so the provider stops generating.
+Always asks for a stream, with usage (`stream_options.include_usage`), and turns
+each upstream delta into one `Delta`. A server that ignores `stream` and answers
+one JSON completion is read as a whole. Leaving the context closes the HTTP
+request, so the provider stops generating.
 """
 
 from __future__ import annotations
 
 from collections.abc import AsyncGenerator, AsyncIterator, Mapping
-from contextlib import asynccontextmanager
+from contextlib import aclosing, asynccontextmanager
 from typing import Any
 
 import httpx
@@ -18,12 +19,13 @@ from trio_serve.config import ModelConfig
 from trio_serve.errors import UpstreamError
 from trio_serve.openai import relayed_delta
 from trio_serve.providers.base import Delta, Event, Finish, ModelCall, Usage
-from trio_serve.sse import SseDecoder
+from trio_serve.providers.upstream import Upstream, is_event_stream, json_object, sse_payloads, whole_body
+from trio_serve.redact import redact
 
 
 class OpenAICompatible:
-    def __init__(self, *, client: httpx.AsyncClient, base_url: str, api_key: str | None, model: ModelConfig) -> None:
-        self._client = client
+    def __init__(self, *, upstream: Upstream, base_url: str, api_key: str | None, model: ModelConfig) -> None:
+        self._upstream = upstream
         self._url = f"{base_url}/chat/completions"
         self._model = model
         self._headers = {"content-type": "application/json", "accept": "text/event-stream"}
@@ -33,23 +35,17 @@ class OpenAICompatible:
 
     @asynccontextmanager
     async def stream(self, call: ModelCall) -> AsyncIterator[AsyncIterator[Event]]:
-        request = self._client.build_request(
-            "POST", self._url, content=orjson.dumps(self.payload(call)), headers=self._headers
-        )
-        try:
-            response = await self._client.send(request, stream=True)
-        except httpx.HTTPError as exc:
-            raise UpstreamError(f"The model provider could not be reached ({type(exc).__name__}).") from exc
-        try:
-            if response.status_code != 200:
-                raise UpstreamError(f"The model provider answered HTTP {response.status_code}.")
-            events = _events(response)
+        body = orjson.dumps(self.payload(call))
+        request = self._upstream.client.build_request("POST", self._url, content=body, headers=self._headers)
+        async with self._upstream.open(request) as response:
+            if is_event_stream(response):
+                events = _stream_events(response, self._upstream.secrets)
+            else:
+                events = _whole_events(response)
             try:
                 yield events
             finally:
                 await events.aclose()
-        finally:
-            await response.aclose()
 
     def payload(self, call: ModelCall) -> dict[str, Any]:
         body: dict[str, Any] = {
@@ -73,34 +69,31 @@ class OpenAICompatible:
         return body
 
 
-async def _events(response: httpx.Response) -> AsyncGenerator[Event, None]:
-    decoder = SseDecoder()
+async def _stream_events(response: httpx.Response, secrets: tuple[str, ...]) -> AsyncGenerator[Event, None]:
     finished = False
-    try:
-        async for line in response.aiter_lines():
-            data = decoder.feed_line(line)
-            if data is None:
-                continue
+    async with aclosing(sse_payloads(response)) as payloads:
+        async for data in payloads:
             if data == "[DONE]":
                 break
-            for event in _chunk_events(data):
+            for event in chunk_events(data, secrets):
                 finished = finished or isinstance(event, Finish)
                 yield event
-    except httpx.HTTPError as exc:
-        raise UpstreamError(f"The model provider's stream broke off ({type(exc).__name__}).") from exc
+    # Some servers omit [DONE]; an answer is complete when the model said why it stopped.
     if not finished:
         raise UpstreamError("The model provider's stream ended before the answer was complete.")
 
 
-def _chunk_events(data: str) -> list[Event]:
-    try:
-        chunk = orjson.loads(data)
-    except orjson.JSONDecodeError:
-        raise UpstreamError("The model provider sent a malformed stream frame.") from None
-    if not isinstance(chunk, dict):
-        raise UpstreamError("The model provider sent a malformed stream frame.")
+async def _whole_events(response: httpx.Response) -> AsyncGenerator[Event, None]:
+    for event in completion_events(await whole_body(response)):
+        yield event
+
+
+def chunk_events(data: str | bytes, secrets: tuple[str, ...] = ()) -> list[Event]:
+    """The events in one streamed chunk (a `chat.completion.chunk`)."""
+    chunk = json_object(data)
     if chunk.get("error"):
-        raise UpstreamError(f"The model provider reported an error: {_error_message(chunk['error'])}")
+        detail = redact(_error_message(chunk["error"]), secrets)
+        raise UpstreamError(f"The model provider reported an error: {detail}")
     events: list[Event] = []
     for choice in chunk.get("choices") or ():
         delta = relayed_delta(choice.get("delta") or {})
@@ -108,10 +101,31 @@ def _chunk_events(data: str) -> list[Event]:
             events.append(Delta(delta))
         if choice.get("finish_reason"):
             events.append(Finish(choice["finish_reason"]))
-    usage = chunk.get("usage")
-    if isinstance(usage, dict):
-        events.append(Usage(usage.get("prompt_tokens", 0), usage.get("completion_tokens", 0)))
+    events.extend(_usage(chunk))
     return events
+
+
+def completion_events(data: bytes) -> list[Event]:
+    """The events of a whole `chat.completion`, as if it had been streamed."""
+    completion = json_object(data)
+    choices = completion.get("choices") or []
+    if not choices or not isinstance(choices[0], dict):
+        raise UpstreamError("The model provider answered without a choice.")
+    message = choices[0].get("message") or {}
+    fields = dict(relayed_delta(message))
+    if fields.get("tool_calls"):
+        fields["tool_calls"] = [{"index": i, **call} for i, call in enumerate(fields["tool_calls"])]
+    events: list[Event] = [Delta(fields)] if fields else []
+    if choices[0].get("finish_reason"):
+        events.append(Finish(choices[0]["finish_reason"]))
+    return events + _usage(completion)
+
+
+def _usage(body: Mapping[str, Any]) -> list[Event]:
+    usage = body.get("usage")
+    if not isinstance(usage, dict):
+        return []
+    return [Usage(int(usage.get("prompt_tokens") or 0), int(usage.get("completion_tokens") or 0))]
 
 
 def _error_message(error: object) -> str:
