@@ -32,7 +32,10 @@ def make_role(*, agent: str = "test-agent", max_body: int = 1_048_576, **model: 
     )
 
 
-def upstream_role(upstream: FakeUpstream, **model: Any) -> Role:
+def upstream_role(upstream: FakeUpstream, wire: str = "openai", **model: Any) -> Role:
+    """A role served by the fake provider, in either wire format."""
+    if wire == "anthropic":
+        return make_role(provider="anthropic", name="claude-test", base_url=upstream.root_url, **model)
     return make_role(provider="openai", name="gpt-test", base_url=upstream.base_url, **model)
 
 

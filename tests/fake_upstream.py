@@ -31,15 +31,18 @@ class Script:
     first_byte_delay_s: float = 0.0  # before the response head
     delta_delay_s: float = 0.0  # before each delta
     hang: bool = False  # never answer at all
+    stall_after: int | None = None  # go silent forever after this many deltas
 
 
 @attrs.define
 class Exchange:
     """One request the fake received, and what became of its connection."""
 
+    path: str
     headers: dict[str, str]
     body: dict[str, Any]
     started_at: float
+    frames_sent: int = 0
     closed_at: float = math.inf  # when the client's side of the connection closed
     closed: trio.Event = attrs.Factory(trio.Event)
     completed: bool = False  # the whole scripted answer was sent
@@ -51,12 +54,17 @@ class FakeUpstream:
         self.default = Script()
         self.scripts: deque[Script] = deque()
         self.exchanges: list[Exchange] = []
-        self.arrived = trio.Event()
+        self.arrived = trio.Event()  # replaced by a fresh one at each arrival
+        self._taken = 0
         self.port = 0
 
     @property
+    def root_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
     def base_url(self) -> str:
-        return f"http://127.0.0.1:{self.port}/v1"
+        return f"{self.root_url}/v1"
 
     def script(self, *scripts: Script) -> None:
         """Answer the next requests with these, then with `default`."""
@@ -68,10 +76,11 @@ class FakeUpstream:
         return sum(1 for e in self.exchanges if not (e.completed or e.closed.is_set()))
 
     async def next_exchange(self) -> Exchange:
-        """Wait for the next request to arrive (counted from the last call)."""
-        await self.arrived.wait()
-        self.arrived = trio.Event()
-        return self.exchanges[-1]
+        """The next request not yet taken by this method, once it has arrived."""
+        while len(self.exchanges) <= self._taken:
+            await self.arrived.wait()
+        self._taken += 1
+        return self.exchanges[self._taken - 1]
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
@@ -85,17 +94,22 @@ class FakeUpstream:
             if request is None:
                 return
             exchange = Exchange(
+                path=request.target.decode(),
                 headers={k.decode(): v.decode() for k, v in request.headers},
                 body=orjson.loads(body),
                 started_at=trio.current_time(),
             )
             self.exchanges.append(exchange)
-            self.arrived.set()
+            arrived, self.arrived = self.arrived, trio.Event()
+            arrived.set()
             script = self.scripts.popleft() if self.scripts else self.default
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(_watch_close, stream, exchange, nursery.cancel_scope)
-                await self._answer(stream, conn, exchange, script)
-                exchange.completed = True
+                try:
+                    await self._answer(stream, conn, exchange, script)
+                    exchange.completed = True
+                except trio.BrokenResourceError:
+                    _closed(exchange)  # reset before the watcher saw it
                 nursery.cancel_scope.cancel()
             if exchange.closed.is_set() or conn.our_state is not h11.DONE:
                 return
@@ -107,42 +121,108 @@ class FakeUpstream:
         if script.hang:
             await trio.sleep_forever()
         await trio.sleep(script.first_byte_delay_s)
-        if exchange.headers.get("authorization") != f"Bearer {self.api_key}":
-            script = Script(
-                status=401, error={"message": "Incorrect API key provided", "type": "invalid_request_error"}
-            )
+        anthropic = exchange.path == "/v1/messages"
+        if not self._authorized(exchange, anthropic):
+            script = Script(status=401, error={"message": f"Incorrect API key provided: {exchange.headers}"})
         if script.status != 200:
-            body = orjson.dumps({"error": script.error or {"message": "failure"}})
-            await _send(
-                stream, conn, h11.Response(status_code=script.status, headers=[("content-length", str(len(body)))])
-            )
-            await _send(stream, conn, h11.Data(data=body))
-            await _send(stream, conn, h11.EndOfMessage())
+            await _send_error(stream, conn, script)
             return
         await _send(stream, conn, h11.Response(status_code=200, headers=[("content-type", "text/event-stream")]))
-        for frame in _frames(script, exchange.body):
-            if frame.startswith(b"data: {") and b'"delta"' in frame:
+        frames = _anthropic_frames(script, exchange.body) if anthropic else _openai_frames(script, exchange.body)
+        deltas_sent = 0
+        for is_delta, frame in frames:
+            if is_delta:
+                if deltas_sent == script.stall_after:
+                    await trio.sleep_forever()
                 await trio.sleep(script.delta_delay_s)
+                deltas_sent += 1
             await _send(stream, conn, h11.Data(data=frame))
+            exchange.frames_sent += 1
         await _send(stream, conn, h11.EndOfMessage())
 
+    def _authorized(self, exchange: Exchange, anthropic: bool) -> bool:
+        if anthropic:
+            return exchange.headers.get("x-api-key") == self.api_key
+        return exchange.headers.get("authorization") == f"Bearer {self.api_key}"
 
-def _frames(script: Script, request: dict[str, Any]) -> list[bytes]:
+
+async def _send_error(stream: trio.SocketStream, conn: h11.Connection, script: Script) -> None:
+    body = orjson.dumps({"error": script.error or {"message": "failure"}})
+    headers = [("content-type", "application/json"), ("content-length", str(len(body)))]
+    await _send(stream, conn, h11.Response(status_code=script.status, headers=headers))
+    await _send(stream, conn, h11.Data(data=body))
+    await _send(stream, conn, h11.EndOfMessage())
+
+
+Frames = list[tuple[bool, bytes]]  # (paced like a model delta, the bytes)
+
+
+def _sse(payload: dict[str, Any], event: str | None = None) -> bytes:
+    name = f"event: {event}\n".encode() if event else b""
+    return name + b"data: " + orjson.dumps(payload) + b"\n\n"
+
+
+def _openai_frames(script: Script, request: dict[str, Any]) -> Frames:
     base = {"id": "chatcmpl-upstream", "object": "chat.completion.chunk", "created": 1, "model": request.get("model")}
 
-    def frame(payload: dict[str, Any]) -> bytes:
-        return b"data: " + orjson.dumps({**base, **payload}) + b"\n\n"
+    def chunk(delta: dict[str, Any], finish: str | None = None) -> bytes:
+        return _sse({**base, "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]})
 
-    frames = [frame({"choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}]})]
-    frames += [frame({"choices": [{"index": 0, "delta": d, "finish_reason": None}]}) for d in script.deltas]
+    frames = [(False, chunk({"role": "assistant", "content": ""}))]
+    frames += [(True, chunk(delta)) for delta in script.deltas]
+    if script.finish_reason is None:
+        return frames  # truncated: no finish, no usage, no [DONE]
+    frames.append((False, chunk({}, script.finish_reason)))
+    if (request.get("stream_options") or {}).get("include_usage") and script.usage is not None:
+        frames.append((False, _sse({**base, "choices": [], "usage": script.usage})))
+    return [*frames, (False, b"data: [DONE]\n\n")]
+
+
+STOP_REASONS = {"stop": "end_turn", "length": "max_tokens", "tool_calls": "tool_use", "content_filter": "refusal"}
+
+
+def _anthropic_frames(script: Script, request: dict[str, Any]) -> Frames:
+    """The same script in Anthropic's event format: text and tool_use blocks."""
+    usage = script.usage or {"prompt_tokens": 0, "completion_tokens": 0}
+    start = {"id": "msg_1", "type": "message", "role": "assistant", "content": [], "model": request.get("model"),
+             "stop_reason": None, "usage": {"input_tokens": usage["prompt_tokens"], "output_tokens": 1}}  # fmt: skip
+    frames: Frames = [(False, _sse({"type": "message_start", "message": start}, "message_start"))]
+    block, open_kind = -1, None
+    for delta in script.deltas:
+        for kind, payload in _anthropic_parts(delta):
+            if kind != open_kind or kind == "tool_start":
+                if open_kind is not None:
+                    frames.append((False, _sse({"type": "content_block_stop", "index": block}, "content_block_stop")))
+                block, open_kind = block + 1, ("tool" if kind == "tool_start" else kind)
+                if kind == "text":
+                    start_block = {"type": "content_block_start", "index": block,
+                                   "content_block": {"type": "text", "text": ""}}  # fmt: skip
+                    frames.append((False, _sse(start_block, "content_block_start")))
+            event = {"index": block, **payload}
+            frames.append((True, _sse(event, str(event["type"]))))
+    if open_kind is not None:
+        frames.append((False, _sse({"type": "content_block_stop", "index": block}, "content_block_stop")))
     if script.finish_reason is None:
         return frames
-    frames.append(frame({"choices": [{"index": 0, "delta": {}, "finish_reason": script.finish_reason}]}))
-    wants_usage = (request.get("stream_options") or {}).get("include_usage")
-    if wants_usage and script.usage is not None:
-        frames.append(frame({"choices": [], "usage": script.usage}))
-    frames.append(b"data: [DONE]\n\n")
-    return frames
+    message_delta = {"type": "message_delta", "delta": {"stop_reason": STOP_REASONS[script.finish_reason]},
+                     "usage": {"output_tokens": usage["completion_tokens"]}}  # fmt: skip
+    frames.append((False, _sse(message_delta, "message_delta")))
+    return [*frames, (False, _sse({"type": "message_stop"}, "message_stop"))]
+
+
+def _anthropic_parts(delta: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
+    if delta.get("content"):
+        return [("text", {"type": "content_block_delta", "delta": {"type": "text_delta", "text": delta["content"]}})]
+    parts = []
+    for call in delta.get("tool_calls") or ():
+        function = call.get("function") or {}
+        if call.get("id"):
+            block = {"type": "tool_use", "id": call["id"], "name": function.get("name"), "input": {}}
+            parts.append(("tool_start", {"type": "content_block_start", "content_block": block}))
+        if function.get("arguments"):
+            json_delta = {"type": "input_json_delta", "partial_json": function["arguments"]}
+            parts.append(("tool", {"type": "content_block_delta", "delta": json_delta}))
+    return parts
 
 
 async def _read_request(stream: trio.SocketStream, conn: h11.Connection) -> tuple[h11.Request | None, bytes]:
@@ -170,9 +250,14 @@ async def _watch_close(stream: trio.SocketStream, exchange: Exchange, scope: tri
             pass  # our client never pipelines; anything else would be a bug there
     except (trio.BrokenResourceError, trio.ClosedResourceError):
         pass
-    exchange.closed_at = trio.current_time()
-    exchange.closed.set()
+    _closed(exchange)
     scope.cancel()
+
+
+def _closed(exchange: Exchange) -> None:
+    if not exchange.closed.is_set():
+        exchange.closed_at = trio.current_time()
+        exchange.closed.set()
 
 
 async def _send(stream: trio.SocketStream, conn: h11.Connection, event: Any) -> None:
