@@ -8,6 +8,8 @@ connection closed, so tests can prove that cancellation reaches the provider.
 from __future__ import annotations
 
 import math
+import socket
+import struct
 from collections import deque
 from typing import Any
 
@@ -32,6 +34,7 @@ class Script:
     delta_delay_s: float = 0.0  # before each delta
     hang: bool = False  # never answer at all
     stall_after: int | None = None  # go silent forever after this many deltas
+    reset_after: int | None = None  # reset the connection (RST) after this many deltas
 
 
 @attrs.define
@@ -134,6 +137,10 @@ class FakeUpstream:
             if is_delta:
                 if deltas_sent == script.stall_after:
                     await trio.sleep_forever()
+                if deltas_sent == script.reset_after:
+                    stream.socket.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                    stream.socket.close()
+                    raise trio.BrokenResourceError("reset by the script")
                 await trio.sleep(script.delta_delay_s)
                 deltas_sent += 1
             await _send(stream, conn, h11.Data(data=frame))

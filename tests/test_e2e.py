@@ -279,3 +279,32 @@ async def test_many_concurrent_streams_all_complete(start_server: StartServer, u
             for _ in range(50):
                 nursery.start_soon(one)
     assert results == [1 + 20 + 1 + 1] * 50
+
+
+async def test_provider_reset_mid_stream_ends_with_an_error_event_and_done(
+    start_server: StartServer, upstream: FakeUpstream, wire: str
+) -> None:
+    upstream.script(Script(reset_after=2))
+    with trio.fail_after(IO_TIMEOUT_S):
+        running = await start_server(upstream_role(upstream, wire), provider_key=UPSTREAM_KEY)
+        response = await raw_post(running, {"messages": HELLO, "stream": True})
+        events = sse_events(response.content)
+        assert [e["choices"][0]["delta"].get("content") for e in events[1:3]] == ["Hello", ","]
+        assert events[-2]["error"]["type"] == "upstream_error"
+        assert "broke off" in events[-2]["error"]["message"]
+        assert events[-1] == "[DONE]"
+
+
+async def test_multimodal_parts_reach_an_openai_provider_unchanged(
+    start_server: StartServer, upstream: FakeUpstream
+) -> None:
+    content = [
+        {"type": "text", "text": "What is this?"},
+        {"type": "image_url", "image_url": {"url": "data:image/png;base64,iVBORw0KGgo=", "detail": "low"}},
+        {"type": "input_audio", "input_audio": {"data": "UklGRg==", "format": "wav"}},
+    ]
+    with trio.fail_after(IO_TIMEOUT_S):
+        running = await start_server(upstream_role(upstream), provider_key=UPSTREAM_KEY)
+        response = await raw_post(running, {"messages": [{"role": "user", "content": content}]})
+        assert response.status_code == 200
+        assert upstream.exchanges[-1].body["messages"][1] == {"role": "user", "content": content}
