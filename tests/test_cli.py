@@ -25,6 +25,14 @@ INITRUNNER = Path(sys.executable).with_name("initrunner")  # the installed conso
 HELLO_CHAT = {"messages": [{"role": "user", "content": "Hello!"}]}
 
 
+@pytest.fixture(autouse=True)
+def audit_db_in_tmp(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Every server started here writes its audit log under the test's tmp_path, never $HOME."""
+    path = tmp_path / "audit" / "audit.db"
+    monkeypatch.setenv("INITRUNNER_AUDIT_DB", str(path))
+    return path
+
+
 def clean_env(**extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.endswith("_API_KEY")}
     return {**env, **extra}

@@ -1,52 +1,29 @@
-"""The application: routing, authentication and the chat handler.
+"""The application: routing, authentication, the models endpoints, and the
+audit trail around the chat endpoint (whose turns are `chat.py`'s business).
 
-Takes a parsed `Request`, returns a `Response`; knows nothing of sockets. A
-streamed answer is an async generator of SSE frames that the server writes as
-they come, and cancelling the server's task closes the provider's request.
+Takes a parsed `Request`, returns a `Response`; knows nothing of sockets.
 """
 
 from __future__ import annotations
 
 import hmac
-import os
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from functools import partial
-from typing import Any
 
+import attrs
 import orjson
-import trio
 
+from trio_serve.audit import AuditLog
+from trio_serve.chat import ChatHandler, Turn
 from trio_serve.config import Role
-from trio_serve.errors import (
-    ApiError,
-    AuthenticationFailed,
-    GatewayTimeout,
-    MethodNotAllowed,
-    NotFound,
-    Overloaded,
-    UnsupportedMediaType,
-    UpstreamError,
-)
+from trio_serve.conversations import ConversationStore
+from trio_serve.errors import ApiError, AuthenticationFailed, MethodNotAllowed, NotFound
 from trio_serve.http import Request, Response, Send
-from trio_serve.openai import (
-    JSON_HEADERS,
-    SSE_DONE,
-    SSE_HEADERS,
-    SSE_KEEPALIVE,
-    ChatRequest,
-    ChunkEncoder,
-    MessageAssembler,
-    completion_body,
-    error_response,
-    model_call,
-    sse_error,
-)
-from trio_serve.providers.base import Delta, Event, Finish, ModelCall, Provider, Usage
+from trio_serve.openai import JSON_HEADERS, error_response
+from trio_serve.providers.base import Provider
 
 Handler = Callable[["App", Request], Awaitable[Response]]
-
-SHUTDOWN_TAIL = sse_error(Overloaded("The server is shutting down; the answer was cut short."))
 
 
 class App:
@@ -59,11 +36,13 @@ class App:
         provider: Provider,
         api_key: str | None,
         created: int,
+        conversations: ConversationStore | None = None,
+        audit: AuditLog | None = None,
         wall_clock: Callable[[], float] = time.time,
     ) -> None:
         self._role = role
-        self._provider = provider
-        self._timeout_s = role.guardrails.timeout_seconds
+        self._chat = ChatHandler(role=role, provider=provider, conversations=conversations, wall_clock=wall_clock)
+        self._audit = audit
         self._key = api_key.encode("utf-8") if api_key else None
         self._wall_clock = wall_clock
         self._model = {"id": role.name, "object": "model", "created": created, "owned_by": "initrunner"}
@@ -78,17 +57,58 @@ class App:
         except ApiError as exc:
             return error_response(exc)
 
+    def refused(self, request: Request, error: ApiError) -> None:
+        """A request the server refused while reading it (413, 408): audited if it was a chat."""
+        if request.path == CHAT_PATH:
+            turn = Turn.begin(request, self._wall_clock)
+            turn.failed(error)
+            self._log(turn)
+
     async def _dispatch(self, request: Request) -> Response:
+        if request.path == CHAT_PATH:
+            return await self._audited_chat(request)
         if request.path.startswith("/v1/"):
             self._authenticate(request.headers)
         handler, methods = self._route(request.path)
-        if request.method not in methods:
-            allow = ", ".join(sorted(methods))
-            raise MethodNotAllowed(
-                f"Method {request.method} is not allowed on {request.path}; use {allow}.",
-                headers=[("allow", allow)],
-            )
+        _allow(request, methods)
         return await handler(self, request)
+
+    # -- the chat endpoint, audited whatever happens ------------------------------
+
+    async def _audited_chat(self, request: Request) -> Response:
+        turn = Turn.begin(request, self._wall_clock)
+        try:
+            self._authenticate(request.headers)
+            _allow(request, _POST)
+            response = await self._chat.respond(request, turn)
+        except ApiError as exc:
+            turn.failed(exc)
+            self._log(turn)
+            raise
+        except BaseException:
+            turn.cancelled = True  # the client left, or the server is stopping
+            self._log(turn)
+            raise
+        if response.produce is None:
+            self._log(turn)
+            return response
+        return attrs.evolve(response, produce=partial(self._logged_stream, response.produce, turn))
+
+    async def _logged_stream(self, produce: Callable[[Send], Awaitable[None]], turn: Turn, send: Send) -> None:
+        try:
+            await produce(send)
+        except ApiError as exc:
+            turn.failed(exc)  # before the stream started: the client gets this status
+            raise
+        except BaseException:
+            turn.cancelled = True
+            raise
+        finally:
+            self._log(turn)
+
+    def _log(self, turn: Turn) -> None:
+        if self._audit is not None:
+            self._audit.record(turn.record(self._role))
 
     def _route(self, path: str) -> tuple[Handler, frozenset[str]]:
         route = _ROUTES.get(path)
@@ -121,111 +141,23 @@ class App:
             raise NotFound(f"The model '{model_id}' does not exist.", param="model", code="model_not_found")
         return Response(status=200, headers=JSON_HEADERS, body=self._model_body)
 
-    async def _chat(self, request: Request) -> Response:
-        _require_json(request.headers)
-        chat = ChatRequest.from_json(request.body)
-        call = model_call(self._role, chat)
-        completion_id = "chatcmpl-" + os.urandom(12).hex()
-        created = int(self._wall_clock())
-        if chat.stream:
-            encoder = ChunkEncoder(completion_id=completion_id, created=created, model=self._role.name)
-            return Response(
-                status=200,
-                headers=SSE_HEADERS,
-                produce=partial(self._relay, call, encoder, chat.include_usage),
-                heartbeat=SSE_KEEPALIVE,
-                heartbeat_s=self._role.server.sse_keepalive_seconds,
-                abort_tail=SHUTDOWN_TAIL,
-            )
-        message, finish_reason, usage = await self._complete(call)
-        body = completion_body(
-            completion_id=completion_id,
-            created=created,
-            model=self._role.name,
-            message=message,
-            finish_reason=finish_reason,
-            usage=usage,
-        )
-        return Response(status=200, headers=JSON_HEADERS, body=body)
 
-    async def _relay(self, call: ModelCall, encoder: ChunkEncoder, include_usage: bool, send: Send) -> None:
-        """SSE frames: the role chunk, one chunk per model delta, finish, usage, [DONE].
-
-        A failure before the role chunk is raised, so the client gets an HTTP
-        error status; after it, the failure is sent in-band and ends the stream.
-        """
-        started = False
-        try:
-            with trio.fail_after(self._timeout_s):
-                async with self._provider.stream(call) as events:
-                    await send(encoder.role())
-                    started = True
-                    usage = await _relay_events(events, encoder, send)
-        except (ApiError, trio.TooSlowError) as exc:
-            error = exc if isinstance(exc, ApiError) else self._timed_out()
-            if not started:
-                raise error from None
-            await send(sse_error(error))
-            return
-        if include_usage and usage is not None:
-            await send(encoder.usage(usage))
-        await send(SSE_DONE)
-
-    async def _complete(self, call: ModelCall) -> tuple[dict[str, Any], str, Usage | None]:
-        assembler = MessageAssembler()
-        finish_reason: str | None = None
-        usage: Usage | None = None
-        try:
-            with trio.fail_after(self._timeout_s):
-                async with self._provider.stream(call) as events:
-                    async for event in events:
-                        if isinstance(event, Delta):
-                            assembler.add(event.fields)
-                        elif isinstance(event, Finish):
-                            finish_reason = event.reason
-                        else:
-                            usage = event
-        except trio.TooSlowError:
-            raise self._timed_out() from None
-        if finish_reason is None:
-            raise UpstreamError("The model provider ended without saying why it stopped.")
-        return assembler.message(), finish_reason, usage
-
-    def _timed_out(self) -> GatewayTimeout:
-        return GatewayTimeout(f"The model did not finish within the agent's {self._timeout_s:g} s time limit.")
-
-
-async def _relay_events(events: AsyncIterator[Event], encoder: ChunkEncoder, send: Send) -> Usage | None:
-    """Send one chunk per delta, as it comes; return the usage, sent last if asked."""
-    usage: Usage | None = None
-    async for event in events:
-        if isinstance(event, Delta):
-            await send(encoder.delta(event.fields))
-        elif isinstance(event, Finish):
-            await send(encoder.finish(event.reason))
-        else:
-            usage = event
-    return usage
-
-
+CHAT_PATH = "/v1/chat/completions"
 _READ = frozenset({"GET", "HEAD"})
+_POST = frozenset({"POST"})
 _ROUTES: dict[str, tuple[Handler, frozenset[str]]] = {
     "/health": (App._health, _READ),
     "/v1/models": (App._models, _READ),
-    "/v1/chat/completions": (App._chat, frozenset({"POST"})),
 }
+
+
+def _allow(request: Request, methods: frozenset[str]) -> None:
+    if request.method not in methods:
+        allow = ", ".join(sorted(methods))
+        raise MethodNotAllowed(
+            f"Method {request.method} is not allowed on {request.path}; use {allow}.", headers=[("allow", allow)]
+        )
 
 
 def _auth_error(message: str) -> AuthenticationFailed:
     return AuthenticationFailed(message, code="invalid_api_key", headers=[("www-authenticate", "Bearer")])
-
-
-def _require_json(headers: Mapping[str, str]) -> None:
-    # Refusing other media types stops cross-site HTML form posts, which cannot
-    # send application/json without a CORS preflight.
-    media_type = headers.get("content-type", "").partition(";")[0].strip().lower()
-    if media_type != "application/json":
-        raise UnsupportedMediaType(
-            f"Content-Type must be application/json, got {media_type or 'none'}.",
-            param="content-type",
-        )

@@ -21,13 +21,15 @@ from pathlib import Path
 import attrs
 import trio
 
+from trio_serve import audit_cli
+from trio_serve.audit import DEFAULT_PATH as DEFAULT_AUDIT_DB
+from trio_serve.audit import AuditDatabase
 from trio_serve.config import Role, load_role
 from trio_serve.errors import StartupError
 from trio_serve.providers.factory import provider_api_key
 from trio_serve.server import SHUTDOWN_GRACE_S, Running, ServeOptions, serve
 
 EXIT_USAGE = 2
-DEFAULT_AUDIT_DB = "~/.initrunner/audit.db"
 
 log = logging.getLogger("trio_serve")
 
@@ -40,7 +42,12 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--host", default="127.0.0.1", help="host to bind (default: 127.0.0.1)")
     run.add_argument("--port", type=_port, default=8000, help="port to listen on (default: 8000; 0 picks one)")
     run.add_argument("--api-key", default=None, help="Bearer key clients must send (env INITRUNNER_API_KEY)")
-    run.add_argument("--audit-db", type=Path, default=None, help=f"audit database (default: {DEFAULT_AUDIT_DB})")
+    run.add_argument(
+        "--audit-db",
+        type=Path,
+        default=None,
+        help=f"audit database (default: env INITRUNNER_AUDIT_DB, else {DEFAULT_AUDIT_DB})",
+    )
     run.add_argument("--no-audit", action="store_true", help="disable audit logging")
     run.add_argument(
         "--grace-period",
@@ -54,6 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     check = commands.add_parser("validate", help="check a role file without serving it")
     check.add_argument("role_file", type=Path, help="path to the role YAML file")
+    audit_cli.add_commands(commands, DEFAULT_AUDIT_DB)
     return parser
 
 
@@ -83,10 +91,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "validate":
             return _validate(args)
+        if args.command == "audit":
+            return audit_cli.run(args, audit_path(args.audit_db, os.environ), os.environ)
         return _serve(args, os.environ)
     except StartupError as exc:
         print(f"initrunner: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
+    except audit_cli.AuditCliError as exc:
+        print(f"initrunner: error: {exc}", file=sys.stderr)
+        return audit_cli.EXIT_FAILURE
+
+
+def audit_path(given: Path | None, env: Mapping[str, str]) -> Path:
+    """--audit-db, else INITRUNNER_AUDIT_DB, else the default under the home directory."""
+    return (given or Path(env.get("INITRUNNER_AUDIT_DB") or DEFAULT_AUDIT_DB)).expanduser()
 
 
 def _validate(args: argparse.Namespace) -> int:
@@ -124,6 +142,7 @@ def _serve(args: argparse.Namespace, env: Mapping[str, str]) -> int:
         provider_key=provider_api_key(role.model, env),
         created=_created(args.role_file),
         grace_s=args.grace_period,
+        audit_db=None if args.no_audit else AuditDatabase.open(audit_path(args.audit_db, env), env),
     )
     trio.run(_run, _Plan(host=args.host, port=args.port, options=options))
     return 0

@@ -232,11 +232,12 @@ class ServerLimits:
     conversation_ttl_seconds: float = 3600.0
     require_https: bool = False
     sse_keepalive_seconds: float = 15.0  # a comment line after this much model silence
+    max_history_messages: int = 40  # per stored conversation, oldest turns dropped first
 
     KEYS = frozenset(
         {
             "cors_origins", "max_request_body_bytes", "max_conversations",
-            "conversation_ttl_seconds", "require_https", "sse_keepalive_seconds",
+            "conversation_ttl_seconds", "require_https", "sse_keepalive_seconds", "max_history_messages",
         }
     )  # fmt: skip
 
@@ -249,6 +250,7 @@ class ServerLimits:
             conversation_ttl_seconds=fields.number("conversation_ttl_seconds", 3600.0, 1.0, 1e9),
             require_https=fields.boolean("require_https", False),
             sse_keepalive_seconds=fields.number("sse_keepalive_seconds", 15.0, 1.0, 3600.0),
+            max_history_messages=fields.integer("max_history_messages", 40, low=2),
         )
 
 

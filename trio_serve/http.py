@@ -150,6 +150,13 @@ class HttpConnection:
         head = self._head
         assert head is not None, "h11 ends a message only after its head"
         self._head = None
+        return self._request(head, bytes(self._body))
+
+    def unfinished_request(self) -> Request | None:
+        """The request whose head arrived but whose body was refused or never came."""
+        return self._request(self._head, b"") if self._head is not None else None
+
+    def _request(self, head: h11.Request, body: bytes) -> Request:
         headers = _header_map(head.headers)
         path, _, query = head.target.decode("latin-1").partition("?")
         given_id = headers.get("x-request-id", "")
@@ -158,7 +165,7 @@ class HttpConnection:
             path=path,
             query=query,
             headers=headers,
-            body=bytes(self._body),
+            body=body,
             request_id=given_id if REQUEST_ID_RE.match(given_id) else new_request_id(),
             client=self._client,
         )

@@ -24,7 +24,9 @@ import httpx
 import trio
 
 from trio_serve.app import App
+from trio_serve.audit import AuditDatabase, AuditLog
 from trio_serve.config import Role
+from trio_serve.conversations import ConversationStore
 from trio_serve.errors import ApiError, Overloaded, RequestTimeout
 from trio_serve.http import NEED_DATA, SERVER_HEADER, HttpConnection, Phase, Request, Response, Send, new_request_id
 from trio_serve.openai import error_response
@@ -42,6 +44,7 @@ ABORT_WRITE_S = 1.0  # time to write the final error frames after the grace ran 
 RECEIVE_BYTES = 64 * 1024
 PIPELINE_BUFFER_BYTES = 1024 * 1024  # read ahead of the answer at most this, then stop
 UPSTREAM_CONNECT_TIMEOUT_S = 10.0
+SWEEP_INTERVAL_S = 60.0  # an expired conversation outlives its TTL by at most this
 
 _PHASE_TIMEOUTS = {Phase.IDLE: KEEPALIVE_IDLE_S, Phase.HEAD: HEAD_TIMEOUT_S, Phase.BODY: BODY_TIMEOUT_S}
 
@@ -60,8 +63,16 @@ class _Watch:
 class HttpServer:
     """Accepts connections and speaks HTTP/1.1 to them on behalf of an app."""
 
-    def __init__(self, app: App_, *, max_body_bytes: int, grace_s: float = SHUTDOWN_GRACE_S) -> None:
+    def __init__(
+        self,
+        app: App_,
+        *,
+        max_body_bytes: int,
+        grace_s: float = SHUTDOWN_GRACE_S,
+        on_refused: Callable[[Request, ApiError], None] | None = None,
+    ) -> None:
         self._app = app
+        self._on_refused = on_refused  # told of requests refused while being read (413, 408)
         self._max_body_bytes = max_body_bytes
         self._grace_s = grace_s
         self._draining = False
@@ -123,7 +134,10 @@ class HttpServer:
         try:
             await self._serve_requests(stream, http)
         except ApiError as exc:
-            await self._send_error(stream, http, exc)
+            request = http.unfinished_request()
+            if request is not None and self._on_refused is not None:
+                self._on_refused(request, exc)
+            await self._send_error(stream, http, exc, request)
         except (_ClientGone, trio.BrokenResourceError, trio.ClosedResourceError):
             pass
         except Exception:
@@ -239,10 +253,12 @@ class HttpServer:
             headers.append(("connection", "close"))
         return headers
 
-    async def _send_error(self, stream: trio.abc.Stream, http: HttpConnection, error: ApiError) -> None:
+    async def _send_error(
+        self, stream: trio.abc.Stream, http: HttpConnection, error: ApiError, request: Request | None = None
+    ) -> None:
         if not http.can_respond():
             return
-        writer = _ResponseWriter(stream, http, None, self._base_headers)
+        writer = _ResponseWriter(stream, http, request, self._base_headers)
         with suppress(_ClientGone, trio.BrokenResourceError, trio.ClosedResourceError):
             await writer.write(error_response(error), close=True)
 
@@ -400,15 +416,18 @@ class ServeOptions:
     created: int = 0  # the /v1/models `created` time, fixed for the process
     grace_s: float = SHUTDOWN_GRACE_S
     retry: RetryPolicy = DEFAULT_RETRY
+    audit_db: AuditDatabase | None = None  # None: no audit log (--no-audit)
 
 
 @attrs.frozen
 class Running:
-    """What `serve` hands its starter: where it listens, and how to stop it."""
+    """What `serve` hands its starter: where it listens, what it holds, how to stop it."""
 
     addresses: tuple[tuple[str, int], ...]
     shutdown: Callable[[], None]
     draining: Callable[[], bool]
+    conversations: ConversationStore
+    audit: AuditLog | None
 
 
 async def serve(
@@ -417,23 +436,66 @@ async def serve(
     *,
     task_status: trio.TaskStatus[Running] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Run the server on bound listeners until shut down, then drain and return."""
+    """Run the server on bound listeners until shut down, then drain and return.
+
+    Nurseries nest by lifetime: the audit writer outlives everything that can
+    record (it drains after the last connection closed), the conversation
+    sweeper lives as long as the connections, and those outlive the accept loop.
+    """
     role = options.role
+    conversations = ConversationStore(
+        ttl_s=role.server.conversation_ttl_seconds,
+        max_conversations=role.server.max_conversations,
+        max_messages=role.server.max_history_messages,
+    )
+    secrets = tuple(key for key in (options.api_key, options.provider_key) if key)
+    audit = AuditLog(options.audit_db, secrets=secrets) if options.audit_db else None
+    async with _upstream_client() as client, trio.open_nursery() as lasting:
+        if audit is not None:
+            await lasting.start(audit.run)
+        try:
+            provider = make_provider(role.model, client=client, api_key=options.provider_key, retry=options.retry)
+            app = App(
+                role=role,
+                provider=provider,
+                api_key=options.api_key,
+                created=options.created,
+                conversations=conversations,
+                audit=audit,
+            )
+            server = HttpServer(
+                app, max_body_bytes=role.server.max_request_body_bytes, grace_s=options.grace_s, on_refused=app.refused
+            )
+            running = Running(
+                addresses=_addresses(listeners),
+                shutdown=server.shutdown,
+                draining=server.draining,
+                conversations=conversations,
+                audit=audit,
+            )
+            async with trio.open_nursery() as background:
+                background.start_soon(sweep_conversations, conversations)
+                async with trio.open_nursery() as front:
+                    await front.start(server.serve, listeners)
+                    task_status.started(running)
+                background.cancel_scope.cancel()  # every connection has finished
+        finally:
+            if audit is not None:
+                audit.close()  # the writer drains what is queued, then returns
+
+
+def _upstream_client() -> httpx.AsyncClient:
     # No read timeout of httpx's own: guardrails.timeout_seconds bounds the whole call.
     timeout = httpx.Timeout(None, connect=UPSTREAM_CONNECT_TIMEOUT_S)
     limits = httpx.Limits(max_connections=None, max_keepalive_connections=128)
-    async with httpx.AsyncClient(timeout=timeout, limits=limits, trust_env=False) as client:
-        provider = make_provider(role.model, client=client, api_key=options.provider_key, retry=options.retry)
-        app = App(role=role, provider=provider, api_key=options.api_key, created=options.created)
-        server = HttpServer(app, max_body_bytes=role.server.max_request_body_bytes, grace_s=options.grace_s)
-        async with trio.open_nursery() as background:
-            # Background tasks (conversation sweeper, audit writer) start here.
-            async with trio.open_nursery() as front:
-                await front.start(server.serve, listeners)
-                task_status.started(
-                    Running(addresses=_addresses(listeners), shutdown=server.shutdown, draining=server.draining)
-                )
-            background.cancel_scope.cancel()  # every connection has finished
+    return httpx.AsyncClient(timeout=timeout, limits=limits, trust_env=False)
+
+
+async def sweep_conversations(conversations: ConversationStore, interval_s: float = SWEEP_INTERVAL_S) -> None:
+    """Forget expired conversations even if nobody asks for them again."""
+    while True:
+        await trio.sleep(interval_s)
+        conversations.sweep(trio.current_time())
 
 
 def _addresses(listeners: Sequence[trio.SocketListener]) -> tuple[tuple[str, int], ...]:
