@@ -6,6 +6,7 @@ import os
 import re
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
 from collections.abc import AsyncIterator
@@ -191,3 +192,32 @@ async def test_readme_quick_start_and_ci_use_the_same_commands() -> None:
     test_command = next(line for line in ci.splitlines() if "pytest" in line)
     assert test_command in readme, "the README's test command and .ci/run have drifted apart"
     assert "initrunner serve examples/hello.yaml" in readme
+
+
+async def test_sigterm_during_traffic_loses_no_audit_row(tmp_path: Path, audit_db_in_tmp: Path) -> None:
+    paced = write_role(tmp_path, "name: paced\nprompt: p\nmodel: {provider: echo, name: e, delay_ms: 20}\n")
+    chat = {"messages": [{"role": "user", "content": "one two three four five"}], "stream": True}
+    answered: list[int] = []
+    with trio.fail_after(IO_TIMEOUT_S * 2):
+        async with running_server(paced) as (process, url):
+            async with httpx.AsyncClient(base_url=url, timeout=IO_TIMEOUT_S) as client:
+
+                async def one(task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+                    async with client.stream("POST", "/v1/chat/completions", json=chat) as response:
+                        body = b""
+                        async for chunk in response.aiter_bytes():
+                            if not body:
+                                task_status.started()  # this stream is live
+                            body += chunk
+                    answered.append(body.count(b"[DONE]"))
+
+                async with trio.open_nursery() as nursery:
+                    for _ in range(40):
+                        await nursery.start(one)
+                    process.send_signal(signal.SIGTERM)  # 40 streams in flight
+            assert await process.wait() == 0
+    assert answered == [1] * 40  # every stream finished within the grace period
+    connection = sqlite3.connect(audit_db_in_tmp)
+    statuses = [row[0] for row in connection.execute("SELECT status FROM audit_log")]
+    connection.close()
+    assert statuses == [200] * 40

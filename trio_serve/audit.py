@@ -42,6 +42,7 @@ MAX_PENDING_ROWS = 100_000  # rows kept in memory while the disk fails; the olde
 RETRY_MAX_S = 30.0  # back-off ceiling between write attempts on a failing disk
 DRAIN_ATTEMPTS = 5  # on shutdown, a failing disk gets this many more tries, about 3 s
 GENESIS_HASH = ""  # the prev_hash of the first row ever written
+BUSY_TIMEOUT_S = 5.0  # how long a write waits for another process's lock before failing
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS audit_log (
@@ -134,17 +135,18 @@ def record_fields(row: Mapping[str, Any]) -> dict[str, Any]:
 class AuditDatabase:
     """The SQLite file: created with tight permissions, appended to in batches."""
 
-    def __init__(self, path: Path, key: bytes) -> None:
+    def __init__(self, path: Path, key: bytes, *, busy_timeout_s: float = BUSY_TIMEOUT_S) -> None:
         self.path = path
         self.key = key
+        self.busy_timeout_s = busy_timeout_s
 
     @classmethod
-    def open(cls, path: Path, env: Mapping[str, str]) -> AuditDatabase:
+    def open(cls, path: Path, env: Mapping[str, str], *, busy_timeout_s: float = BUSY_TIMEOUT_S) -> AuditDatabase:
         """Create or check the database and its key; StartupError if unusable."""
         path = path.expanduser()
         try:
             _prepare_file(path)
-            database = cls(path, _load_key(path, env))
+            database = cls(path, _load_key(path, env), busy_timeout_s=busy_timeout_s)
             with database.connect() as connection:
                 connection.executescript(SCHEMA)
         except (OSError, sqlite3.Error) as exc:
@@ -154,7 +156,9 @@ class AuditDatabase:
     def connect(self) -> sqlite3.Connection:
         # One writer task uses this connection, one batch at a time, from worker
         # threads: never concurrently, so sharing it across threads is safe.
-        connection = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None, timeout=5.0)
+        connection = sqlite3.connect(
+            self.path, check_same_thread=False, isolation_level=None, timeout=self.busy_timeout_s
+        )
         connection.row_factory = sqlite3.Row
         connection.execute("PRAGMA journal_mode=WAL")
         connection.execute("PRAGMA synchronous=NORMAL")

@@ -42,10 +42,8 @@ def new_turn(messages: Sequence[Message]) -> History:
     tool results after the last assistant message."""
     last_user = max((i for i, m in enumerate(messages) if m["role"] == "user"), default=-1)
     last_assistant = max((i for i, m in enumerate(messages) if m["role"] == "assistant"), default=-1)
-    if last_assistant > last_user:
-        start = last_assistant + 1
-    else:
-        start = max(last_user, 0)
+    # Tool results answer the assistant's calls; otherwise the turn is the last user message on.
+    start = last_assistant + 1 if last_assistant > last_user else max(last_user, 0)
     turn = messages[start:]
     if not turn:
         raise InvalidRequest("The request adds no user or tool message to the conversation.", param="messages")
