@@ -229,9 +229,10 @@ class AuditLog:
         self._retry_at = -math.inf  # no write is attempted before this time
 
     def record(self, record: AuditRecord) -> None:
-        """Queue a record for writing; drops it (counted, logged) rather than wait."""
+        """Queue a record for writing (scrubbed later, off the event loop); drops
+        it (counted, logged) rather than wait."""
         try:
-            self._send.send_nowait(record.scrubbed(self._secrets))
+            self._send.send_nowait(record)
         except (trio.WouldBlock, trio.ClosedResourceError):
             self.dropped += 1
             if self.dropped == 1 or self.dropped % 1000 == 0:
@@ -277,7 +278,7 @@ class AuditLog:
         while pending:
             batch = pending[:BATCH_ROWS]
             try:
-                await trio.to_thread.run_sync(self._database.append, connection, batch)
+                await trio.to_thread.run_sync(self._write, connection, batch)
             except (sqlite3.Error, OSError) as exc:
                 self._failed(exc, pending, draining=draining)
                 return
@@ -286,6 +287,10 @@ class AuditLog:
             if self._failures:
                 log.warning("audit: writing to %s again", self._database.path)
                 self._failures, self._retry_at = 0, -math.inf
+
+    def _write(self, connection: sqlite3.Connection, batch: list[AuditRecord]) -> None:
+        # In the worker thread: scrubbing is regex work the event loop need not do.
+        self._database.append(connection, [record.scrubbed(self._secrets) for record in batch])
 
     def _failed(self, exc: Exception, pending: list[AuditRecord], *, draining: bool) -> None:
         if self._failures == 0:
