@@ -12,6 +12,7 @@ import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import attrs
 import yaml
@@ -197,9 +198,26 @@ def _unknown_provider(provider: str) -> str:
 
 def _base_url(fields: _Section) -> str | None:
     url = fields.optional_string("base_url")
-    if url is not None and not url.startswith(("http://", "https://")):
-        raise _FieldError(fields.where("base_url"), f"must start with http:// or https://, got {url!r}")
-    return url.rstrip("/") if url else None
+    if url is None:
+        return None
+    # Checked here so a typo is one startup error, not a failure on every request.
+    problem = _url_problem(url)
+    if problem:
+        raise _FieldError(fields.where("base_url"), f"{problem}, got {url!r}")
+    return url.rstrip("/")
+
+
+def _url_problem(url: str) -> str | None:
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https"):
+        return "must start with http:// or https://"
+    if not parts.hostname:
+        return "needs a host name"
+    try:
+        parts.port  # noqa: B018 - parsing the port is the check
+    except ValueError:
+        return "has an invalid port"
+    return None
 
 
 def _string_mapping(fields: _Section, key: str) -> dict[str, str]:

@@ -19,7 +19,7 @@ from trio_serve.config import ModelConfig
 from trio_serve.errors import InvalidRequest, UpstreamError
 from trio_serve.openai import text_of
 from trio_serve.providers.base import Delta, Event, Finish, ModelCall, Usage
-from trio_serve.providers.upstream import Upstream, is_event_stream, json_object, sse_payloads, whole_body
+from trio_serve.providers.upstream import Upstream, drain, is_event_stream, json_object, sse_payloads, whole_body
 from trio_serve.redact import redact
 
 ANTHROPIC_VERSION = "2023-06-01"
@@ -264,6 +264,7 @@ async def _stream_events(response: httpx.Response, secrets: tuple[str, ...]) -> 
             for event in translator.feed(data):
                 yield event
             if translator.stopped:
+                await drain(payloads)
                 return
     raise UpstreamError("The model provider's stream ended before the answer was complete.")
 

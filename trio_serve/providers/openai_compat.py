@@ -19,7 +19,7 @@ from trio_serve.config import ModelConfig
 from trio_serve.errors import UpstreamError
 from trio_serve.openai import relayed_delta
 from trio_serve.providers.base import Delta, Event, Finish, ModelCall, Usage
-from trio_serve.providers.upstream import Upstream, is_event_stream, json_object, sse_payloads, whole_body
+from trio_serve.providers.upstream import Upstream, drain, is_event_stream, json_object, sse_payloads, whole_body
 from trio_serve.redact import redact
 
 
@@ -74,6 +74,7 @@ async def _stream_events(response: httpx.Response, secrets: tuple[str, ...]) -> 
     async with aclosing(sse_payloads(response)) as payloads:
         async for data in payloads:
             if data == "[DONE]":
+                await drain(payloads)
                 break
             for event in chunk_events(data, secrets):
                 finished = finished or isinstance(event, Finish)

@@ -25,6 +25,7 @@ from trio_serve.sse import SseDecoder
 
 RETRYABLE_STATUSES = frozenset({429, 500, 502, 503, 504})
 CLIENT_ERROR_STATUSES = frozenset({400, 413, 422})  # the request itself was refused
+DRAIN_AFTER_END_S = 0.1
 MAX_DETAIL_CHARS = 500  # a provider's message is quoted, never its whole body
 _CONTEXT_RE = re.compile(r"context.length|maximum context|context window|prompt is too long|too many tokens", re.I)
 
@@ -172,6 +173,14 @@ async def sse_payloads(response: httpx.Response) -> AsyncGenerator[str, None]:
     tail = decoder.close()
     if tail is not None:
         yield tail
+
+
+async def drain(payloads: AsyncGenerator[str, None]) -> None:
+    """Read what follows the end of an answer (the chunked terminator), so the
+    connection goes back to the pool instead of being closed and reopened."""
+    with trio.move_on_after(DRAIN_AFTER_END_S):  # a provider that keeps talking is not waited for
+        async for _ in payloads:
+            pass
 
 
 async def whole_body(response: httpx.Response) -> bytes:
