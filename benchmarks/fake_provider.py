@@ -110,6 +110,9 @@ class Connection(asyncio.Protocol):
             )
             self.transport.write(b"HTTP/1.1 200 OK\r\ncontent-length: %d\r\n\r\n%s" % (len(payload), payload))
             return
+        if not path.endswith("/chat/completions"):
+            self.transport.write(b"HTTP/1.1 404 Not Found\r\ncontent-length: 0\r\n\r\n")
+            return
         request = orjson.loads(body)
         chunks, delay, first = script(request)
         STATS.answering += 1

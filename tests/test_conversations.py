@@ -20,7 +20,7 @@ from trio_serve.chat import KeyedLocks
 from trio_serve.conversations import ConversationStore, conversation_id, new_turn, trim_history
 from trio_serve.errors import InvalidRequest
 from trio_serve.http import Request
-from trio_serve.providers.base import Delta, Event, Finish, ModelCall, Usage
+from trio_serve.providers.base import Batch, Delta, Finish, ModelCall, Usage
 from trio_serve.server import sweep_conversations
 
 UPSTREAM_KEY = "sk-test-upstream"
@@ -257,7 +257,7 @@ class TrackingProvider:
         self.closed = 0
 
     @asynccontextmanager
-    async def stream(self, call: ModelCall) -> AsyncIterator[AsyncIterator[Event]]:
+    async def stream(self, call: ModelCall) -> AsyncIterator[AsyncIterator[Batch]]:
         self.calls.append(call)
         self.active += 1
         self.most_active = max(self.most_active, self.active)
@@ -267,11 +267,10 @@ class TrackingProvider:
             self.active -= 1
             self.closed += 1
 
-    async def _events(self, number: int) -> AsyncIterator[Event]:
+    async def _events(self, number: int) -> AsyncIterator[Batch]:
         await trio.sleep(0.05)
-        yield Delta({"content": f"answer {number}"})
-        yield Finish("stop")
-        yield Usage(1, 2)
+        yield [Delta({"content": f"answer {number}"})]
+        yield [Finish("stop"), Usage(1, 2)]
 
 
 def chat_request(text: str, conversation: str, *, stream: bool) -> Request:

@@ -125,6 +125,14 @@ def test_sse_decoder_joins_data_lines_and_skips_comments() -> None:
     assert decoder.close() is None
 
 
+@pytest.mark.parametrize("split_at", [1, 5, 17, 30, 1000])
+def test_sse_decoder_reads_bytes_however_they_were_split(split_at: int) -> None:
+    stream = b'data: {"a": 1}\r\n\r\n: ping\n\ndata: \xc3\xa9t\xc3\xa9\n\ndata: [DONE]\n\n'
+    decoder = SseDecoder()
+    events = decoder.feed(stream[:split_at]) + decoder.feed(stream[split_at:])
+    assert events == ['{"a": 1}', "été", "[DONE]"]
+
+
 def test_sse_decoder_returns_an_unterminated_last_event_on_close() -> None:
     decoder = SseDecoder()
     assert decoder.feed_line("data: last") is None

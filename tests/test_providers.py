@@ -77,8 +77,8 @@ def call(**fields: Any) -> ModelCall:
 
 
 async def collect(provider: Provider, model_call: ModelCall | None = None) -> list[Event]:
-    async with provider.stream(model_call or call()) as events:
-        return [event async for event in events]
+    async with provider.stream(model_call or call()) as batches:
+        return [event async for batch in batches for event in batch]
 
 
 # -- OpenAI-compatible -----------------------------------------------------------

@@ -22,7 +22,7 @@ from tests.openai_schema import check_chunk, check_error
 from trio_serve.app import App
 from trio_serve.config import Guardrails, Role, ServerLimits
 from trio_serve.http import MAX_HEAD_BYTES, Request, Response
-from trio_serve.providers.base import Delta, Event, ModelCall, Provider
+from trio_serve.providers.base import Batch, Delta, ModelCall, Provider
 from trio_serve.providers.echo import EchoProvider
 from trio_serve.server import HEAD_TIMEOUT_S, KEEPALIVE_IDLE_S, SEND_TIMEOUT_S, HttpServer
 
@@ -40,7 +40,7 @@ class EndlessProvider:
         self.closed = trio.Event()
 
     @asynccontextmanager
-    async def stream(self, call: ModelCall) -> AsyncIterator[AsyncIterator[Event]]:
+    async def stream(self, call: ModelCall) -> AsyncIterator[AsyncIterator[Batch]]:
         self.opened.set()
         try:
             await trio.sleep(self.first_token_after_s)  # like a provider slow to answer at all
@@ -48,10 +48,10 @@ class EndlessProvider:
         finally:
             self.closed.set()
 
-    async def _events(self) -> AsyncIterator[Event]:
+    async def _events(self) -> AsyncIterator[Batch]:
         count = 0
         while True:
-            yield Delta({"content": f" t{count}"})
+            yield [Delta({"content": f" t{count}"})]
             count += 1
             await trio.sleep(self.gap_s)
 

@@ -38,7 +38,7 @@ from trio_serve.openai import (
     sse_error,
     text_of,
 )
-from trio_serve.providers.base import Delta, Event, Finish, ModelCall, Provider, Usage
+from trio_serve.providers.base import Batch, Delta, Finish, ModelCall, Provider, Usage
 
 SHUTDOWN_TAIL = sse_error(Overloaded("The server is shutting down; the answer was cut short."))
 
@@ -240,15 +240,16 @@ class ChatHandler:
         finish_reason: str | None = None
         try:
             with trio.fail_after(self._timeout_s):
-                async with self._provider.stream(call) as events:
-                    async for event in events:
-                        if isinstance(event, Delta):
-                            turn.first_token_at = turn.first_token_at or trio.current_time()
-                            assembler.add(event.fields)
-                        elif isinstance(event, Finish):
-                            finish_reason = event.reason
-                        else:
-                            turn.usage = event
+                async with self._provider.stream(call) as batches:
+                    async for batch in batches:
+                        for event in batch:
+                            if isinstance(event, Delta):
+                                turn.first_token_at = turn.first_token_at or trio.current_time()
+                                assembler.add(event.fields)
+                            elif isinstance(event, Finish):
+                                finish_reason = event.reason
+                            else:
+                                turn.usage = event
         except trio.TooSlowError:
             raise self._timed_out() from None
         finally:
@@ -262,18 +263,23 @@ class ChatHandler:
 
 
 async def _relay_events(
-    events: AsyncIterator[Event], encoder: ChunkEncoder, send: Send, assembler: MessageAssembler, turn: Turn
+    batches: AsyncIterator[Batch], encoder: ChunkEncoder, send: Send, assembler: MessageAssembler, turn: Turn
 ) -> None:
-    """Send one chunk per delta, as it comes; keep the answer and usage on the side."""
-    async for event in events:
-        if isinstance(event, Delta):
-            turn.first_token_at = turn.first_token_at or trio.current_time()
-            assembler.add(event.fields)
-            await send(encoder.delta(event.fields))
-        elif isinstance(event, Finish):
-            await send(encoder.finish(event.reason))
-        else:
-            turn.usage = event
+    """One chunk per delta, each sent as soon as it arrived: the chunks of deltas
+    that arrived together go out in one write. Answer and usage are kept aside."""
+    async for batch in batches:
+        frames = []
+        for event in batch:
+            if isinstance(event, Delta):
+                turn.first_token_at = turn.first_token_at or trio.current_time()
+                assembler.add(event.fields)
+                frames.append(encoder.delta(event.fields))
+            elif isinstance(event, Finish):
+                frames.append(encoder.finish(event.reason))
+            else:
+                turn.usage = event
+        if frames:
+            await send(b"".join(frames))
 
 
 def _output_text(message: Mapping[str, Any]) -> str:

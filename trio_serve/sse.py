@@ -1,4 +1,4 @@
-"""Server-Sent Events decoding, without IO: lines in, event data out.
+"""Server-Sent Events decoding, without IO: bytes in, event data out.
 
 Used on the upstream side, where providers stream their answers as SSE.
 """
@@ -10,7 +10,19 @@ class SseDecoder:
     """Collects `data:` lines into events; a blank line ends an event."""
 
     def __init__(self) -> None:
+        self._partial = b""  # an unfinished line from the previous read
         self._data: list[str] = []
+
+    def feed(self, chunk: bytes) -> list[str]:
+        """The data of every event that `chunk` completes, in order."""
+        lines = (self._partial + chunk).split(b"\n")
+        self._partial = lines.pop()
+        events = []
+        for line in lines:
+            event = self.feed_line(line.removesuffix(b"\r").decode("utf-8", "replace"))
+            if event is not None:
+                events.append(event)
+        return events
 
     def feed_line(self, line: str) -> str | None:
         """Feed one line without its ending; returns an event's data when one ends."""
@@ -25,6 +37,9 @@ class SseDecoder:
 
     def close(self) -> str | None:
         """The event left when the stream ended without its blank line, if any."""
+        if self._partial:
+            self.feed_line(self._partial.removesuffix(b"\r").decode("utf-8", "replace"))
+            self._partial = b""
         return self._dispatch()
 
     def _dispatch(self) -> str | None:

@@ -18,7 +18,7 @@ import orjson
 from trio_serve.config import ModelConfig
 from trio_serve.errors import InvalidRequest, UpstreamError
 from trio_serve.openai import text_of
-from trio_serve.providers.base import Delta, Event, Finish, ModelCall, Usage
+from trio_serve.providers.base import Batch, Delta, Event, Finish, ModelCall, Usage
 from trio_serve.providers.upstream import Upstream, drain, is_event_stream, json_object, sse_payloads, whole_body
 from trio_serve.redact import redact
 
@@ -50,7 +50,7 @@ class Anthropic:
             self._headers["x-api-key"] = api_key
 
     @asynccontextmanager
-    async def stream(self, call: ModelCall) -> AsyncIterator[AsyncIterator[Event]]:
+    async def stream(self, call: ModelCall) -> AsyncIterator[AsyncIterator[Batch]]:
         body = orjson.dumps(anthropic_request(call, self._model))
         request = self._upstream.client.build_request("POST", self._url, content=body, headers=self._headers)
         async with self._upstream.open(request) as response:
@@ -257,18 +257,18 @@ def _input_tokens(usage: Mapping[str, Any]) -> int:
     return sum(int(usage.get(key) or 0) for key in keys)
 
 
-async def _stream_events(response: httpx.Response, secrets: tuple[str, ...]) -> AsyncGenerator[Event, None]:
+async def _stream_events(response: httpx.Response, secrets: tuple[str, ...]) -> AsyncGenerator[Batch, None]:
     translator = StreamTranslator(secrets)
     async with aclosing(sse_payloads(response)) as payloads:
-        async for data in payloads:
-            for event in translator.feed(data):
-                yield event
+        async for payload_batch in payloads:
+            batch: Batch = [event for data in payload_batch for event in translator.feed(data)]
+            if batch:
+                yield batch
             if translator.stopped:
                 await drain(payloads)
                 return
     raise UpstreamError("The model provider's stream ended before the answer was complete.")
 
 
-async def _whole_events(response: httpx.Response) -> AsyncGenerator[Event, None]:
-    for event in message_events(await whole_body(response)):
-        yield event
+async def _whole_events(response: httpx.Response) -> AsyncGenerator[Batch, None]:
+    yield message_events(await whole_body(response))

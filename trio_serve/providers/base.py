@@ -1,7 +1,7 @@
 """What the app asks of a model provider, and what a provider streams back.
 
 Every provider, whatever its wire format, turns a `ModelCall` into a stream of
-`Delta`, `Finish` and `Usage` events. Deltas are OpenAI-shaped (`content`,
+`Delta`, `Finish` and `Usage` events, in batches of what arrived together. Deltas are OpenAI-shaped (`content`,
 `tool_calls`, `refusal`) so the OpenAI-compatible family relays them untouched.
 """
 
@@ -37,6 +37,8 @@ class Usage:
 
 
 Event = Delta | Finish | Usage
+Batch = list[Event]
+"""Events that arrived together (one network read): relayed together, in one write."""
 
 
 @attrs.frozen(kw_only=True)
@@ -55,8 +57,10 @@ class ModelCall:
 
 
 class Provider(Protocol):
-    def stream(self, call: ModelCall) -> AbstractAsyncContextManager[AsyncIterator[Event]]:
+    def stream(self, call: ModelCall) -> AbstractAsyncContextManager[AsyncIterator[Batch]]:
         """Start the call; entering raises ApiError if the provider refuses it.
+
+        The iterator yields batches of events, each what one read delivered.
 
         Leaving the context, normally or by cancellation, closes the upstream
         request at once so the provider stops generating.

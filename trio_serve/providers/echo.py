@@ -13,7 +13,7 @@ from contextlib import asynccontextmanager
 import trio
 
 from trio_serve.openai import text_of
-from trio_serve.providers.base import Delta, Event, Finish, ModelCall, Usage
+from trio_serve.providers.base import Batch, Delta, Finish, ModelCall, Usage
 
 _TOKEN_RE = re.compile(r"\s*\S+")
 
@@ -29,21 +29,23 @@ class EchoProvider:
         self._delay_s = delay_s
 
     @asynccontextmanager
-    async def stream(self, call: ModelCall) -> AsyncIterator[AsyncIterator[Event]]:
+    async def stream(self, call: ModelCall) -> AsyncIterator[AsyncIterator[Batch]]:
         events = self._events(call)
         try:
             yield events
         finally:
             await events.aclose()
 
-    async def _events(self, call: ModelCall) -> AsyncGenerator[Event, None]:
+    async def _events(self, call: ModelCall) -> AsyncGenerator[Batch, None]:
         user_messages = [m for m in call.messages if m["role"] == "user"]
         tokens = echo_reply(text_of(user_messages[-1]) if user_messages else "")
         sent = tokens[: call.max_tokens]
         for token in sent:
             if self._delay_s:
                 await trio.sleep(self._delay_s)
-            yield Delta({"content": token})
-        yield Finish("length" if len(sent) < len(tokens) else "stop")
+            yield [Delta({"content": token})]
         prompt_words = sum(len(text_of(m).split()) for m in call.messages)
-        yield Usage(prompt_tokens=prompt_words, completion_tokens=len(sent))
+        yield [
+            Finish("length" if len(sent) < len(tokens) else "stop"),
+            Usage(prompt_tokens=prompt_words, completion_tokens=len(sent)),
+        ]

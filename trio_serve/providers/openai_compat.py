@@ -18,7 +18,7 @@ import orjson
 from trio_serve.config import ModelConfig
 from trio_serve.errors import UpstreamError
 from trio_serve.openai import relayed_delta
-from trio_serve.providers.base import Delta, Event, Finish, ModelCall, Usage
+from trio_serve.providers.base import Batch, Delta, Event, Finish, ModelCall, Usage
 from trio_serve.providers.upstream import Upstream, drain, is_event_stream, json_object, sse_payloads, whole_body
 from trio_serve.redact import redact
 
@@ -34,7 +34,7 @@ class OpenAICompatible:
             self._headers["authorization"] = f"Bearer {api_key}"
 
     @asynccontextmanager
-    async def stream(self, call: ModelCall) -> AsyncIterator[AsyncIterator[Event]]:
+    async def stream(self, call: ModelCall) -> AsyncIterator[AsyncIterator[Batch]]:
         body = orjson.dumps(self.payload(call))
         request = self._upstream.client.build_request("POST", self._url, content=body, headers=self._headers)
         async with self._upstream.open(request) as response:
@@ -69,24 +69,29 @@ class OpenAICompatible:
         return body
 
 
-async def _stream_events(response: httpx.Response, secrets: tuple[str, ...]) -> AsyncGenerator[Event, None]:
-    finished = False
+async def _stream_events(response: httpx.Response, secrets: tuple[str, ...]) -> AsyncGenerator[Batch, None]:
+    finished = done = False
     async with aclosing(sse_payloads(response)) as payloads:
-        async for data in payloads:
-            if data == "[DONE]":
+        async for payload_batch in payloads:
+            batch: Batch = []
+            for data in payload_batch:
+                if data == "[DONE]":
+                    done = True
+                    break
+                batch += chunk_events(data, secrets)
+            finished = finished or any(isinstance(event, Finish) for event in batch)
+            if batch:
+                yield batch
+            if done:
                 await drain(payloads)
                 break
-            for event in chunk_events(data, secrets):
-                finished = finished or isinstance(event, Finish)
-                yield event
     # Some servers omit [DONE]; an answer is complete when the model said why it stopped.
     if not finished:
         raise UpstreamError("The model provider's stream ended before the answer was complete.")
 
 
-async def _whole_events(response: httpx.Response) -> AsyncGenerator[Event, None]:
-    for event in completion_events(await whole_body(response)):
-        yield event
+async def _whole_events(response: httpx.Response) -> AsyncGenerator[Batch, None]:
+    yield completion_events(await whole_body(response))
 
 
 def chunk_events(data: str | bytes, secrets: tuple[str, ...] = ()) -> list[Event]:

@@ -160,22 +160,23 @@ def is_event_stream(response: httpx.Response) -> bool:
     return content_type.startswith("text/event-stream")
 
 
-async def sse_payloads(response: httpx.Response) -> AsyncGenerator[str, None]:
-    """The `data:` payload of each event in a streamed answer, as it arrives."""
+async def sse_payloads(response: httpx.Response) -> AsyncGenerator[list[str], None]:
+    """The `data:` payloads of a streamed answer, a batch for each network read:
+    what arrived together is relayed together, in one write to the client."""
     decoder = SseDecoder()
     try:
-        async for line in response.aiter_lines():
-            data = decoder.feed_line(line)
-            if data is not None:
-                yield data
+        async for chunk in response.aiter_bytes():
+            batch = decoder.feed(chunk)
+            if batch:
+                yield batch
     except httpx.HTTPError as exc:
         raise UpstreamError(f"The model provider's stream broke off ({type(exc).__name__}).") from exc
     tail = decoder.close()
     if tail is not None:
-        yield tail
+        yield [tail]
 
 
-async def drain(payloads: AsyncGenerator[str, None]) -> None:
+async def drain(payloads: AsyncGenerator[list[str], None]) -> None:
     """Read what follows the end of an answer (the chunked terminator), so the
     connection goes back to the pool instead of being closed and reopened."""
     with trio.move_on_after(DRAIN_AFTER_END_S):  # a provider that keeps talking is not waited for
