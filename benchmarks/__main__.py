@@ -98,11 +98,11 @@ async def load_curve(target: Target, levels: list[int], seconds: int, workdir: P
 
 async def idle(server: servers.Server, count: int) -> dict[str, float]:
     before = server.rss_mb()
-    connections = await clients.idle_streams(server.target, count)
+    connections, live = await clients.idle_streams(server.target, count)
     held = server.rss_mb()
     for connection in connections:
         connection.close()
-    return {"streams": count, "rss_mb": held, "kb_per_stream": (held - before) * 1024 / count}
+    return {"streams": count, "live": live, "rss_mb": held, "kb_per_stream": (held - before) * 1024 / count}
 
 
 async def measure(

@@ -20,6 +20,7 @@ import attrs
 import orjson
 
 CONTENT_MARK = b'"content":"w'  # a content frame carrying the fake provider's words
+IDLE_WAVE = 200
 WORD_RE = re.compile(rb"w\d+ ")  # one scripted delta: servers that merge deltas carry several per frame
 
 
@@ -182,21 +183,29 @@ async def many_streams(target: Target, count: int, deltas: int = 64, delay_ms: i
     }
 
 
-async def idle_streams(target: Target, count: int) -> list[Connection]:
-    """Open `count` streams whose model stays silent after the role chunk; return them open."""
+async def idle_streams(target: Target, count: int) -> tuple[list[Connection], int]:
+    """Open `count` streams whose model stays silent after its first frame.
+
+    Returns the connections (to close later) and how many streams were live:
+    the head and a first frame arrived (servers that hold everything back
+    until the model speaks get 10 s to show a head, then count as not live).
+    """
     payload = target.request("bench chunks=1 delay_ms=3600000", stream=True)
 
-    async def one() -> Connection:
+    async def one() -> tuple[Connection, bool]:
         connection = await Connection.open(target)
         connection.writer.write(payload)
-        await connection.head()
-        await connection.reader.readuntil(b"\n\n")  # the role chunk: the stream is live
-        return connection
+        try:
+            status, _ = await asyncio.wait_for(connection.head(), 10)
+            await asyncio.wait_for(connection.reader.readuntil(b"\n\n"), 10)
+        except (TimeoutError, asyncio.IncompleteReadError):
+            return connection, False
+        return connection, status == 200
 
-    connections: list[Connection] = []
-    for start in range(0, count, 500):  # in waves, so the accept queue never overflows
-        connections += await asyncio.gather(*(one() for _ in range(min(500, count - start))))
-    return connections
+    opened: list[tuple[Connection, bool]] = []
+    for start in range(0, count, IDLE_WAVE):  # in waves: 10,000 connects at once overflow loopback queues
+        opened += await asyncio.gather(*(one() for _ in range(min(IDLE_WAVE, count - start))))
+    return [connection for connection, _ in opened], sum(live for _, live in opened)
 
 
 async def fake_stats(host: str, port: int) -> dict[str, Any]:

@@ -70,7 +70,8 @@ def rows(results: dict[str, Any]) -> list[tuple[str, list[Any]]]:
     row("cancellation p99 (ms)", "cancel", "p99_ms")
     row("provider kept generating after disconnect", "cancel", "not_cancelled")
     row("orphaned provider requests", "cancel", "orphans")
-    row("idle open streams held", "idle", "streams")
+    row("idle streams opened", "idle", "streams")
+    row("idle streams live (first frame received)", "idle", "live")
     row("RSS per idle stream (KB)", "idle", "kb_per_stream")
     row("RSS after load (MB)", "rss_after_load_mb")
     return table

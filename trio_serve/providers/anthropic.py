@@ -52,7 +52,7 @@ class Anthropic:
     @asynccontextmanager
     async def stream(self, call: ModelCall) -> AsyncIterator[AsyncIterator[Batch]]:
         body = orjson.dumps(anthropic_request(call, self._model))
-        request = self._upstream.client.build_request("POST", self._url, content=body, headers=self._headers)
+        request = self._upstream.build_request(self._url, body, self._headers)
         async with self._upstream.open(request) as response:
             if is_event_stream(response):
                 events = _stream_events(response, self._upstream.secrets)

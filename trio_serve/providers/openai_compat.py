@@ -36,7 +36,7 @@ class OpenAICompatible:
     @asynccontextmanager
     async def stream(self, call: ModelCall) -> AsyncIterator[AsyncIterator[Batch]]:
         body = orjson.dumps(self.payload(call))
-        request = self._upstream.client.build_request("POST", self._url, content=body, headers=self._headers)
+        request = self._upstream.build_request(self._url, body, self._headers)
         async with self._upstream.open(request) as response:
             if is_event_stream(response):
                 events = _stream_events(response, self._upstream.secrets)

@@ -8,9 +8,10 @@ reorder tokens the client already saw.
 
 from __future__ import annotations
 
+import itertools
 import random
 import re
-from collections.abc import AsyncGenerator, AsyncIterator, Iterable
+from collections.abc import AsyncGenerator, AsyncIterator, Iterable, Iterator, Mapping
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -48,13 +49,23 @@ DEFAULT_RETRY = RetryPolicy()
 
 @attrs.frozen(kw_only=True)
 class Upstream:
-    """How to reach one provider: its client, name (for messages) and secrets."""
+    """How to reach one provider: its clients, name (for messages) and secrets.
 
-    client: httpx.AsyncClient
+    Several httpx clients share the connections: httpcore's pool scans all of
+    its connections (a readability syscall each) whenever a request starts
+    or ends, so one pool of N streaming connections costs O(N) per request.
+    Requests are spread round-robin over the clients to keep each pool small.
+    """
+
+    clients: tuple[httpx.AsyncClient, ...]
     provider: str
     secrets: tuple[str, ...] = ()
     retry: RetryPolicy = DEFAULT_RETRY
     rng: random.Random = attrs.field(factory=random.Random)
+    _turn: Iterator[int] = attrs.field(init=False, factory=lambda: itertools.count())
+
+    def build_request(self, url: str, body: bytes, headers: Mapping[str, str]) -> httpx.Request:
+        return self.clients[0].build_request("POST", url, content=body, headers=headers)
 
     @asynccontextmanager
     async def open(self, request: httpx.Request) -> AsyncIterator[httpx.Response]:
@@ -69,10 +80,12 @@ class Upstream:
         for attempt in range(self.retry.retries + 1):
             last = attempt == self.retry.retries
             try:
-                response = await self.client.send(request, stream=True)
+                client = self.clients[next(self._turn) % len(self.clients)]
+                response = await client.send(request, stream=True)
             except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
                 if last:
-                    raise UpstreamError(f"The model provider could not be reached ({type(exc).__name__}).") from exc
+                    reason = redact(str(exc), self.secrets) or type(exc).__name__
+                    raise UpstreamError(f"The model provider could not be reached: {reason}") from exc
                 await trio.sleep(self.retry.delay(attempt, None, self.rng))
                 continue
             except httpx.HTTPError as exc:
