@@ -1,7 +1,7 @@
 """Sockets, timeouts and the one nursery tree.
 
-Lifetimes nest: the httpx client and background tasks outlive the connection
-handlers, which outlive the accept loop. Each connection is one task; while a
+Lifetimes nest: the httpx clients and the audit writer outlive the conversation
+sweeper and the connection handlers, which outlive the accept loop. Each connection is one task; while a
 request is answered, a sibling task watches the socket, and the client going
 away cancels the answer, the provider's HTTP request included.
 
@@ -44,11 +44,9 @@ ABORT_WRITE_S = 1.0  # time to write the final error frames after the grace ran 
 RECEIVE_BYTES = 64 * 1024
 PIPELINE_BUFFER_BYTES = 1024 * 1024  # read ahead of the answer at most this, then stop
 UPSTREAM_CONNECT_TIMEOUT_S = 10.0
-SWEEP_INTERVAL_S = 60.0
-UPSTREAM_POOLS = 16  # httpx pools the provider's connections are spread over
-UPSTREAM_IDLE_PER_POOL = (
-    16  # idle keep-alive connections each pool keeps  # an expired conversation outlives its TTL by at most this
-)
+SWEEP_INTERVAL_S = 60.0  # an expired conversation outlives its TTL by at most this
+UPSTREAM_POOLS = 16  # httpx pools the provider's connections are spread over (see Upstream)
+UPSTREAM_IDLE_PER_POOL = 16  # idle keep-alive connections each pool keeps
 
 _PHASE_TIMEOUTS = {Phase.IDLE: KEEPALIVE_IDLE_S, Phase.HEAD: HEAD_TIMEOUT_S, Phase.BODY: BODY_TIMEOUT_S}
 

@@ -9,7 +9,7 @@ stream events become OpenAI-shaped `Delta`, `Finish` and `Usage` events.
 from __future__ import annotations
 
 from collections.abc import AsyncGenerator, AsyncIterator, Mapping, Sequence
-from contextlib import aclosing, asynccontextmanager
+from contextlib import AbstractAsyncContextManager, aclosing
 from typing import Any
 
 import httpx
@@ -19,7 +19,7 @@ from trio_serve.config import ModelConfig
 from trio_serve.errors import InvalidRequest, UpstreamError
 from trio_serve.openai import text_of
 from trio_serve.providers.base import Batch, Delta, Event, Finish, ModelCall, Usage
-from trio_serve.providers.upstream import Upstream, drain, is_event_stream, json_object, sse_payloads, whole_body
+from trio_serve.providers.upstream import Upstream, drain, json_object, sse_payloads
 from trio_serve.redact import redact
 
 ANTHROPIC_VERSION = "2023-06-01"
@@ -49,19 +49,9 @@ class Anthropic:
         if api_key:
             self._headers["x-api-key"] = api_key
 
-    @asynccontextmanager
-    async def stream(self, call: ModelCall) -> AsyncIterator[AsyncIterator[Batch]]:
+    def stream(self, call: ModelCall) -> AbstractAsyncContextManager[AsyncIterator[Batch]]:
         body = orjson.dumps(anthropic_request(call, self._model))
-        request = self._upstream.build_request(self._url, body, self._headers)
-        async with self._upstream.open(request) as response:
-            if is_event_stream(response):
-                events = _stream_events(response, self._upstream.secrets)
-            else:
-                events = _whole_events(response)
-            try:
-                yield events
-            finally:
-                await events.aclose()
+        return self._upstream.answer(self._url, body, self._headers, streamed=_stream_events, whole=message_events)
 
 
 # -- requests: OpenAI shape to Anthropic -----------------------------------------
@@ -268,7 +258,3 @@ async def _stream_events(response: httpx.Response, secrets: tuple[str, ...]) -> 
                 await drain(payloads)
                 return
     raise UpstreamError("The model provider's stream ended before the answer was complete.")
-
-
-async def _whole_events(response: httpx.Response) -> AsyncGenerator[Batch, None]:
-    yield message_events(await whole_body(response))

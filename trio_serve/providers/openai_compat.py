@@ -9,7 +9,7 @@ request, so the provider stops generating.
 from __future__ import annotations
 
 from collections.abc import AsyncGenerator, AsyncIterator, Mapping
-from contextlib import aclosing, asynccontextmanager
+from contextlib import AbstractAsyncContextManager, aclosing
 from typing import Any
 
 import httpx
@@ -19,7 +19,7 @@ from trio_serve.config import ModelConfig
 from trio_serve.errors import UpstreamError
 from trio_serve.openai import relayed_delta
 from trio_serve.providers.base import Batch, Delta, Event, Finish, ModelCall, Usage
-from trio_serve.providers.upstream import Upstream, drain, is_event_stream, json_object, sse_payloads, whole_body
+from trio_serve.providers.upstream import Upstream, drain, json_object, sse_payloads
 from trio_serve.redact import redact
 
 
@@ -33,19 +33,9 @@ class OpenAICompatible:
         if api_key:
             self._headers["authorization"] = f"Bearer {api_key}"
 
-    @asynccontextmanager
-    async def stream(self, call: ModelCall) -> AsyncIterator[AsyncIterator[Batch]]:
+    def stream(self, call: ModelCall) -> AbstractAsyncContextManager[AsyncIterator[Batch]]:
         body = orjson.dumps(self.payload(call))
-        request = self._upstream.build_request(self._url, body, self._headers)
-        async with self._upstream.open(request) as response:
-            if is_event_stream(response):
-                events = _stream_events(response, self._upstream.secrets)
-            else:
-                events = _whole_events(response)
-            try:
-                yield events
-            finally:
-                await events.aclose()
+        return self._upstream.answer(self._url, body, self._headers, streamed=_stream_events, whole=completion_events)
 
     def payload(self, call: ModelCall) -> dict[str, Any]:
         body: dict[str, Any] = {
@@ -88,10 +78,6 @@ async def _stream_events(response: httpx.Response, secrets: tuple[str, ...]) -> 
     # Some servers omit [DONE]; an answer is complete when the model said why it stopped.
     if not finished:
         raise UpstreamError("The model provider's stream ended before the answer was complete.")
-
-
-async def _whole_events(response: httpx.Response) -> AsyncGenerator[Batch, None]:
-    yield completion_events(await whole_body(response))
 
 
 def chunk_events(data: str | bytes, secrets: tuple[str, ...] = ()) -> list[Event]:

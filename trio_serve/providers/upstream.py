@@ -11,7 +11,7 @@ from __future__ import annotations
 import itertools
 import random
 import re
-from collections.abc import AsyncGenerator, AsyncIterator, Iterable, Iterator, Mapping
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterable, Iterator, Mapping
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -21,8 +21,12 @@ import orjson
 import trio
 
 from trio_serve.errors import ApiError, InvalidRequest, RateLimited, UpstreamError
+from trio_serve.providers.base import Batch
 from trio_serve.redact import redact
 from trio_serve.sse import SseDecoder
+
+StreamReader = Callable[[httpx.Response, tuple[str, ...]], AsyncGenerator[Batch, None]]
+WholeReader = Callable[[bytes], Batch]
 
 RETRYABLE_STATUSES = frozenset({429, 500, 502, 503, 504})
 CLIENT_ERROR_STATUSES = frozenset({400, 413, 422})  # the request itself was refused
@@ -64,8 +68,20 @@ class Upstream:
     rng: random.Random = attrs.field(factory=random.Random)
     _turn: Iterator[int] = attrs.field(init=False, factory=lambda: itertools.count())
 
-    def build_request(self, url: str, body: bytes, headers: Mapping[str, str]) -> httpx.Request:
-        return self.clients[0].build_request("POST", url, content=body, headers=headers)
+    @asynccontextmanager
+    async def answer(
+        self, url: str, body: bytes, headers: Mapping[str, str], *, streamed: StreamReader, whole: WholeReader
+    ) -> AsyncIterator[AsyncIterator[Batch]]:
+        """POST `body` and read the answer in batches of events: with `streamed`
+        when it is an event stream, else as one body with `whole`."""
+        request = self.clients[0].build_request("POST", url, content=body, headers=headers)
+        async with self.open(request) as response:
+            is_stream = is_event_stream(response)
+            batches = streamed(response, self.secrets) if is_stream else _whole_answer(response, whole)
+            try:
+                yield batches
+            finally:
+                await batches.aclose()
 
     @asynccontextmanager
     async def open(self, request: httpx.Request) -> AsyncIterator[httpx.Response]:
@@ -197,11 +213,12 @@ async def drain(payloads: AsyncGenerator[list[str], None]) -> None:
             pass
 
 
-async def whole_body(response: httpx.Response) -> bytes:
+async def _whole_answer(response: httpx.Response, parse: WholeReader) -> AsyncGenerator[Batch, None]:
     try:
-        return await response.aread()
+        body = await response.aread()
     except httpx.HTTPError as exc:
         raise UpstreamError(f"The model provider's answer broke off ({type(exc).__name__}).") from exc
+    yield parse(body)
 
 
 def json_object(data: str | bytes) -> dict[str, Any]:
