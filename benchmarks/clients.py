@@ -134,11 +134,12 @@ class StreamResult:
     gaps: list[float] = attrs.Factory(list)
     first_at: float = 0.0
     last_at: float = 0.0
+    started_at: float = 0.0
 
 
 async def stream(target: Target, prompt: str) -> StreamResult:
     """One streamed answer, timing each content frame's arrival."""
-    result = StreamResult()
+    result = StreamResult(started_at=time.perf_counter())
     connection = await Connection.open(target)
     try:
         connection.writer.write(target.request(prompt, stream=True))
@@ -175,11 +176,14 @@ async def many_streams(target: Target, count: int, deltas: int = 64, delay_ms: i
     results = await asyncio.gather(*(stream(target, prompt) for _ in range(count)), return_exceptions=True)
     finished = [r for r in results if isinstance(r, StreamResult) and r.completed and r.words == deltas]
     gaps = [gap for r in results if isinstance(r, StreamResult) for gap in r.gaps]
+    durations = [r.last_at - r.started_at for r in finished]
     return {
         "streams": count,
         "completed": len(finished),
         "stalls": sum(1 for gap in gaps if gap > 2 * delay_ms / 1000),
         "gap_p99_ms": percentile(gaps, 99) * 1000,
+        # A server that holds the words back and sends them late has few gaps but long streams.
+        "duration_p99_s": percentile(durations, 99),
     }
 
 

@@ -31,6 +31,8 @@ def _fmt(value: Any, digits: int = 2) -> str:
 def _ratio(ours: Any, theirs: Any, higher_is_better: bool = True) -> str:
     if not isinstance(ours, int | float) or not isinstance(theirs, int | float) or not ours or not theirs:
         return "-"
+    if math.isinf(theirs) or math.isnan(theirs):
+        return "never" if math.isinf(theirs) else "-"
     ratio = ours / theirs if higher_is_better else theirs / ours
     return f"{ratio:,.1f}x"
 
@@ -44,8 +46,8 @@ def rows(results: dict[str, Any]) -> list[tuple[str, list[Any]]]:
         values = []
         for name in SERVERS:
             value = _get(results.get(name, {}), *path)
-            if added_to is not None and isinstance(value, int | float) and name != "direct":
-                value = value - added_to
+            if added_to is not None and isinstance(value, int | float):
+                value = value - added_to if name != "direct" else None  # nothing is added to itself
             values.append(value)
         table.append((label, values))
 
@@ -66,6 +68,7 @@ def rows(results: dict[str, Any]) -> list[tuple[str, list[Any]]]:
         row(f"{count} streams x 64 deltas @20 ms: completed", "streams", str(count), "completed")
         row(f"{count} streams: stalls (gap > 40 ms)", "streams", str(count), "stalls")
         row(f"{count} streams: gap p99 (ms)", "streams", str(count), "gap_p99_ms")
+        row(f"{count} streams: stream duration p99 (s; paced at 1.28)", "streams", str(count), "duration_p99_s")
     row("cancellation p50 (ms)", "cancel", "p50_ms")
     row("cancellation p99 (ms)", "cancel", "p99_ms")
     row("provider kept generating after disconnect", "cancel", "not_cancelled")
@@ -114,25 +117,50 @@ def plot(results: dict[str, Any], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    figure, (latency, streams) = plt.subplots(1, 2, figsize=(12, 4.5))
+    figure, (latency, durations) = plt.subplots(1, 2, figsize=(12, 4.5))
+    stalls = durations.twinx()
     for name in SERVERS:
         curve = _get(results.get(name, {}), "load") or {}
         points = sorted((int(c), v["p99_ms"]) for c, v in curve.items() if isinstance(v, dict) and "p99_ms" in v)
         if points:
-            latency.plot(*zip(*points, strict=True), marker="o", label=name)
-        counts = _get(results.get(name, {}), "streams") or {}
-        done = sorted((int(n), v["completed"] / v["streams"] * 100, v["stalls"]) for n, v in counts.items()
-                      if isinstance(v, dict) and "completed" in v)  # fmt: skip
-        if done:
-            n, completed, stalls = zip(*done, strict=True)
-            line = streams.plot(n, completed, marker="o", label=f"{name}: % completed")[0]
-            streams.plot(n, stalls, marker="x", linestyle="--", color=line.get_color(), label=f"{name}: stalls")
+            line = latency.plot(*zip(*points, strict=True), marker="o", label=name)[0]
+        runs = _get(results.get(name, {}), "streams") or {}
+        done = sorted((int(n), v.get("duration_p99_s", math.nan), v["stalls"]) for n, v in runs.items()
+                      if isinstance(v, dict) and "stalls" in v)  # fmt: skip
+        if done and points:
+            counts, seconds, stalled = zip(*done, strict=True)
+            durations.plot(counts, seconds, marker="o", color=line.get_color(), label=f"{name}: duration p99")
+            stalls.plot(counts, stalled, marker="x", linestyle="--", color=line.get_color(), label=f"{name}: stalls")
     latency.set(xlabel="concurrent connections", ylabel="p99 latency (ms)", yscale="log",
                 title="Non-streamed latency against concurrency")  # fmt: skip
-    streams.set(xlabel="concurrent streams (64 deltas, 20 ms apart)", ylabel="% completed / stalls (gaps > 40 ms)",
-                yscale="symlog", title="Streams completed and stalled")  # fmt: skip
-    for axes in (latency, streams):
-        axes.grid(True, alpha=0.3)
-        axes.legend(fontsize=8)
+    durations.axhline(1.28, color="grey", linewidth=0.8, linestyle=":")  # 64 deltas paced 20 ms apart
+    durations.set(
+        xlabel="concurrent streams (64 deltas, 20 ms apart: 1.28 s when on time)",
+        ylabel="stream duration p99 (s), solid",
+        yscale="log",
+        title="Streams: duration and stalls",
+    )
+    stalls.set(ylabel="stalls: gaps over 40 ms, dashed", yscale="symlog")
+    stalls.set_ylim(bottom=0)
+    latency.grid(True, alpha=0.3)
+    durations.grid(True, alpha=0.3)
+    latency.legend(fontsize=8)
+    durations.legend(fontsize=7, loc="upper left")
     figure.tight_layout()
     figure.savefig(path, dpi=110)
+
+
+def main() -> None:
+    """Rewrite the table and the plot from a run's latest.json (after changing this module)."""
+    import sys
+
+    import orjson
+
+    folder = Path(sys.argv[1]) if len(sys.argv) > 1 else Path(__file__).parent / "results"
+    run = orjson.loads((folder / "latest.json").read_bytes())
+    (folder / "latest.md").write_text(markdown(run["results"], run["meta"]))
+    plot(run["results"], folder / "latest.png")
+
+
+if __name__ == "__main__":
+    main()
