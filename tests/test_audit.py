@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import io
+import logging
 import sqlite3
 import stat
 from pathlib import Path
@@ -126,6 +127,18 @@ async def test_secrets_are_scrubbed_before_storing(tmp_path: Path) -> None:
     assert stored["user_prompt"] == "my key is [redacted] and Bearer [redacted], also sk-[redacted]"
 
 
+class EventOnMessage(logging.Handler):
+    """Sets a trio event when a log message contains some text (the writer logs from its task)."""
+
+    def __init__(self, text: str, event: trio.Event) -> None:
+        super().__init__()
+        self.text, self.event = text, event
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if self.text in record.getMessage():
+            self.event.set()
+
+
 async def test_a_locked_database_is_retried_and_nothing_is_lost(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -133,18 +146,24 @@ async def test_a_locked_database_is_retried_and_nothing_is_lost(
     blocker = sqlite3.connect(database.path, isolation_level=None)
     blocker.execute("BEGIN EXCLUSIVE")  # another process holds the write lock
     audit = AuditLog(database)
-    with trio.fail_after(IO_TIMEOUT_S):
-        async with trio.open_nursery() as nursery:
-            await nursery.start(audit.run)
-            for n in range(100):
-                audit.record(record(n))
-            while "cannot write" not in caplog.text:
-                await trio.sleep(0.01)  # polling the log: the failure has no event of its own
-            blocker.execute("ROLLBACK")
-            blocker.close()
-            for n in range(100, 150):
-                audit.record(record(n))
-            audit.close()
+    failing = trio.Event()
+    logger = logging.getLogger("trio_serve.audit")
+    handler = EventOnMessage("cannot write", failing)
+    logger.addHandler(handler)
+    try:
+        with trio.fail_after(IO_TIMEOUT_S):
+            async with trio.open_nursery() as nursery:
+                await nursery.start(audit.run)
+                for n in range(100):
+                    audit.record(record(n))
+                await failing.wait()  # the writer met the lock and said so
+                blocker.execute("ROLLBACK")
+                blocker.close()
+                for n in range(100, 150):
+                    audit.record(record(n))
+                audit.close()
+    finally:
+        logger.removeHandler(handler)
     assert (audit.written, audit.dropped) == (150, 0)
     assert len(rows(database)) == 150
     assert caplog.text.count("cannot write") == 1  # logged once per outage

@@ -15,7 +15,6 @@ import pytest
 import trio
 import trio.testing
 
-from tests.conftest import make_role
 from trio_serve.config import ModelConfig
 from trio_serve.errors import ApiError, InvalidRequest, RateLimited, UpstreamError
 from trio_serve.providers.anthropic import Anthropic, anthropic_request
@@ -405,7 +404,3 @@ def test_status_errors_are_mapped_honestly(
 )
 def test_redact(text: str, expected: str) -> None:
     assert redact(text, (SECRET,)) == expected
-
-
-def test_echo_role_is_what_the_helpers_default_to() -> None:
-    assert make_role().model.provider == "echo"
