@@ -65,6 +65,10 @@ class Turn:
         arrived = datetime.fromtimestamp(wall_clock(), UTC).isoformat(timespec="milliseconds")
         return cls(request=request, started_at=trio.current_time(), arrived=arrived)
 
+    def saw_token(self) -> None:
+        if self.first_token_at is None:  # 0.0 is a valid time under a mock clock
+            self.first_token_at = trio.current_time()
+
     def failed(self, error: ApiError) -> None:
         self.status, self.error = error.status, error.message
 
@@ -90,7 +94,7 @@ class Turn:
             tokens_out=usage.completion_tokens if usage else None,
             total_tokens=usage.total_tokens if usage else None,
             duration_ms=round((now - self.started_at) * 1000, 3),
-            ttft_ms=round((self.first_token_at - self.started_at) * 1000, 3) if self.first_token_at else None,
+            ttft_ms=None if self.first_token_at is None else round((self.first_token_at - self.started_at) * 1000, 3),
             error=self.error,
         )
 
@@ -244,7 +248,7 @@ class ChatHandler:
                     async for batch in batches:
                         for event in batch:
                             if isinstance(event, Delta):
-                                turn.first_token_at = turn.first_token_at or trio.current_time()
+                                turn.saw_token()
                                 assembler.add(event.fields)
                             elif isinstance(event, Finish):
                                 finish_reason = event.reason
@@ -271,7 +275,7 @@ async def _relay_events(
         frames = []
         for event in batch:
             if isinstance(event, Delta):
-                turn.first_token_at = turn.first_token_at or trio.current_time()
+                turn.saw_token()
                 assembler.add(event.fields)
                 frames.append(encoder.delta(event.fields))
             elif isinstance(event, Finish):
