@@ -221,3 +221,20 @@ async def test_sigterm_during_traffic_loses_no_audit_row(tmp_path: Path, audit_d
     statuses = [row[0] for row in connection.execute("SELECT status FROM audit_log")]
     connection.close()
     assert statuses == [200] * 40
+
+
+async def test_an_unusable_audit_database_is_a_startup_error(tmp_path: Path) -> None:
+    blocker = tmp_path / "not-a-directory"
+    blocker.write_text("")
+    result = await run_cli("serve", str(ROOT / "examples/hello.yaml"), "--audit-db", str(blocker / "audit.db"))
+    assert_one_line_error(result, "cannot use the audit database", "not-a-directory/audit.db")
+
+
+async def test_no_audit_writes_no_database(audit_db_in_tmp: Path) -> None:
+    with trio.fail_after(IO_TIMEOUT_S * 2):
+        async with running_server(str(ROOT / "examples/hello.yaml"), "--no-audit") as (process, url):
+            async with httpx.AsyncClient(base_url=url) as client:
+                assert (await client.post("/v1/chat/completions", json=HELLO_CHAT)).status_code == 200
+            process.send_signal(signal.SIGTERM)
+            assert await process.wait() == 0
+    assert not audit_db_in_tmp.parent.exists()
