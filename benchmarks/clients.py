@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import re
 import socket
-import statistics
 import struct
 import time
 from collections.abc import Sequence
@@ -280,7 +279,3 @@ def parse_wrk(output: str) -> dict[str, float]:
     p99 = re.search(r"99%\s+([\d.]+)(us|ms|s)\b", output)
     scale = {"us": 0.001, "ms": 1.0, "s": 1000.0}
     return {"rps": rps, "p99_ms": float(p99.group(1)) * scale[p99.group(2)] if p99 else float("nan")}
-
-
-def median(values: Sequence[float]) -> float:
-    return statistics.median(values) if values else float("nan")

@@ -49,7 +49,7 @@ class Turn:
 
     request: Request
     started_at: float  # trio clock, for durations
-    arrived: str  # wall clock, ISO 8601 UTC
+    arrived_at: float  # wall clock: formatted only if the turn is audited
     stream: bool = False
     conversation_id: str | None = None
     user_prompt: str = ""
@@ -62,8 +62,7 @@ class Turn:
 
     @classmethod
     def begin(cls, request: Request, wall_clock: Callable[[], float] = time.time) -> Turn:
-        arrived = datetime.fromtimestamp(wall_clock(), UTC).isoformat(timespec="milliseconds")
-        return cls(request=request, started_at=trio.current_time(), arrived=arrived)
+        return cls(request=request, started_at=trio.current_time(), arrived_at=wall_clock())
 
     def saw_token(self) -> None:
         if self.first_token_at is None:  # 0.0 is a valid time under a mock clock
@@ -76,7 +75,7 @@ class Turn:
         now = trio.current_time()
         usage = self.usage
         return AuditRecord(
-            ts=self.arrived,
+            ts=datetime.fromtimestamp(self.arrived_at, UTC).isoformat(timespec="milliseconds"),
             request_id=self.request.request_id,
             agent_name=role.name,
             provider=role.model.provider,

@@ -236,10 +236,6 @@ def _upstream_message(message: Mapping[str, Any]) -> Mapping[str, Any]:
 # -- responses ---------------------------------------------------------------
 
 
-def dumps(value: object) -> bytes:
-    return orjson.dumps(value)
-
-
 def error_body(error: ApiError) -> bytes:
     """The OpenAI error envelope, all four keys always present."""
     return orjson.dumps(

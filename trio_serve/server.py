@@ -169,9 +169,9 @@ class HttpServer:
                 return result
             if http.client_waits_for_100_continue:
                 await send_or_gone(stream, http.continue_100())
-            if http.phase is not phase:
-                phase = http.phase
-                deadline = trio.current_time() + _PHASE_TIMEOUTS[phase]
+            current = http.phase
+            if current is not phase:
+                phase, deadline = current, trio.current_time() + _PHASE_TIMEOUTS[current]
             data = await self._receive(stream, phase, deadline)
             if data is None:
                 return None
@@ -242,9 +242,7 @@ class HttpServer:
 
     async def _call_app(self, request: Request) -> Response:
         try:
-            return await self._app(request)
-        except ApiError as exc:
-            return error_response(exc)
+            return await self._app(request)  # the app answers its own ApiErrors
         except Exception:
             log.exception("unexpected error answering %s %s", request.method, request.path)
             return error_response(ApiError("Internal server error."))
