@@ -122,6 +122,7 @@ prompt: You are a benchmark.
 model: {{provider: openai, name: fake, base_url: "http://{fake[0]}:{fake[1]}/v1", api_key_env: {PROVIDER_KEY_ENV}}}
 security:
   rate_limit: {{requests_per_minute: 100000000, burst_size: 1000000}}
+  server: {{max_connections: 20000, max_upstream_calls: 20000}}  # the 10,000 idle streams
 """
     )
     port = free_port()

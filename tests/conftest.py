@@ -11,7 +11,7 @@ import pytest
 import trio
 
 from tests.fake_upstream import FakeUpstream
-from trio_serve.config import ModelConfig, Role, ServerLimits
+from trio_serve.config import ModelConfig, RateLimit, Role, ServerLimits
 from trio_serve.providers.upstream import RetryPolicy
 from trio_serve.server import Running, ServeOptions, serve
 
@@ -20,8 +20,16 @@ CLIENT_KEY = "client-secret-key"
 FAST_RETRY = RetryPolicy(backoff_base_s=0.001, retry_after_cap_s=0.01)  # real sockets: no mock clock
 
 
-def make_role(*, agent: str = "test-agent", max_body: int = 1_048_576, **model: Any) -> Role:
-    """A role whose model fields default to the built-in echo provider."""
+UNLIMITED = RateLimit(requests_per_minute=10**9, burst_size=10**6)
+
+
+def make_role(
+    *, agent: str = "test-agent", max_body: int = 1_048_576, rate_limit: RateLimit = UNLIMITED, **model: Any
+) -> Role:
+    """A role whose model fields default to the built-in echo provider.
+
+    Unlimited unless a test asks for a rate limit: most tests send requests
+    faster than the default 60 a minute allows."""
     fields = {"provider": "echo", "name": "echo", **model}
     return Role(
         name=agent,
@@ -29,6 +37,7 @@ def make_role(*, agent: str = "test-agent", max_body: int = 1_048_576, **model: 
         system_prompt="You are a test agent.",
         model=ModelConfig(**fields),
         server=ServerLimits(max_request_body_bytes=max_body),
+        rate_limit=rate_limit,
     )
 
 

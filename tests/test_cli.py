@@ -194,8 +194,14 @@ async def test_readme_quick_start_and_ci_use_the_same_commands() -> None:
     assert "initrunner serve examples/hello.yaml" in readme
 
 
-async def test_sigterm_during_traffic_loses_no_audit_row(tmp_path: Path, audit_db_in_tmp: Path) -> None:
-    paced = write_role(tmp_path, "name: paced\nprompt: p\nmodel: {provider: echo, name: e, delay_ms: 20}\n")
+async def test_sigterm_with_100_live_streams_finishes_them_and_loses_no_audit_row(
+    tmp_path: Path, audit_db_in_tmp: Path
+) -> None:
+    paced = write_role(
+        tmp_path,
+        "name: paced\nprompt: p\nmodel: {provider: echo, name: e, delay_ms: 20}\n"
+        "security: {rate_limit: {requests_per_minute: 6000, burst_size: 100}}\n",
+    )
     chat = {"messages": [{"role": "user", "content": "one two three four five"}], "stream": True}
     answered: list[int] = []
     with trio.fail_after(IO_TIMEOUT_S * 2):
@@ -212,15 +218,15 @@ async def test_sigterm_during_traffic_loses_no_audit_row(tmp_path: Path, audit_d
                     answered.append(body.count(b"[DONE]"))
 
                 async with trio.open_nursery() as nursery:
-                    for _ in range(40):
+                    for _ in range(100):
                         await nursery.start(one)
-                    process.send_signal(signal.SIGTERM)  # 40 streams in flight
+                    process.send_signal(signal.SIGTERM)  # 100 streams in flight
             assert await process.wait() == 0
-    assert answered == [1] * 40  # every stream finished within the grace period
+    assert answered == [1] * 100  # every stream finished within the grace period
     connection = sqlite3.connect(audit_db_in_tmp)
     statuses = [row[0] for row in connection.execute("SELECT status FROM audit_log")]
     connection.close()
-    assert statuses == [200] * 40
+    assert statuses == [200] * 100
 
 
 async def test_an_unusable_audit_database_is_a_startup_error(tmp_path: Path) -> None:

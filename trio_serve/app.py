@@ -13,12 +13,14 @@ from functools import partial
 
 import attrs
 import orjson
+import trio
 
 from trio_serve.audit import AuditLog
 from trio_serve.chat import ChatHandler, Turn
 from trio_serve.config import Role
 from trio_serve.conversations import ConversationStore
-from trio_serve.errors import ApiError, AuthenticationFailed, MethodNotAllowed, NotFound
+from trio_serve.errors import ApiError, AuthenticationFailed, InvalidRequest, MethodNotAllowed, NotFound, RateLimited
+from trio_serve.guard import LOOPBACK_PROXIES, Cors, RateLimiter, TrustedProxies, is_loopback_host
 from trio_serve.http import Request, Response, Send
 from trio_serve.openai import JSON_HEADERS, error_response
 from trio_serve.providers.base import Provider
@@ -39,12 +41,20 @@ class App:
         conversations: ConversationStore | None = None,
         audit: AuditLog | None = None,
         wall_clock: Callable[[], float] = time.time,
+        proxies: TrustedProxies = LOOPBACK_PROXIES,
+        loopback_only: bool = False,
     ) -> None:
+        """`loopback_only`: every listener is on loopback (then, without a key,
+        requests must name localhost). `proxies` may vouch for HTTPS and addresses."""
         self._role = role
         self._chat = ChatHandler(role=role, provider=provider, conversations=conversations, wall_clock=wall_clock)
         self._audit = audit
         self._key = api_key.encode("utf-8") if api_key else None
         self._wall_clock = wall_clock
+        self._proxies = proxies
+        self._loopback_guard = loopback_only and self._key is None
+        self._cors = Cors(role.server.cors_origins)
+        self._limiter = RateLimiter(per_minute=role.rate_limit.requests_per_minute, burst=role.rate_limit.burst_size)
         self._model = {"id": role.name, "object": "model", "created": created, "owned_by": "initrunner"}
         # Bodies that never change are serialised once, not per request.
         self._health_body = b'{"status":"ok"}'
@@ -53,34 +63,84 @@ class App:
 
     async def __call__(self, request: Request) -> Response:
         try:
-            return await self._dispatch(request)
+            if request.path != HEALTH_PATH:  # /health answers anyone: load balancers probe it
+                self._check_where_from(request)
+                preflight = self._cors.preflight(request.method, request.headers)
+                if preflight is not None:
+                    return preflight  # before authentication: browsers send no key with it
+            response = await self._dispatch(request)
         except ApiError as exc:
-            return error_response(exc)
+            response = error_response(exc)
+        return _with_headers(response, self._cors.headers(request.headers.get("origin")))
 
-    def refused(self, request: Request, error: ApiError) -> None:
-        """A request the server refused while reading it (413, 408): audited if it was a chat."""
+    def refused(self, request: Request, error: ApiError) -> Response:
+        """The answer to a request the server refused while reading it (413, 408,
+        503 at the connection cap): audited if it was a chat, CORS headers added."""
         if request.path == CHAT_PATH:
             turn = Turn.begin(request, self._wall_clock)
             turn.failed(error)
             self._log(turn)
+        return _with_headers(error_response(error), self._cors.headers(request.headers.get("origin")))
 
     async def _dispatch(self, request: Request) -> Response:
         if request.path == CHAT_PATH:
             return await self._audited_chat(request)
-        if request.path.startswith("/v1/"):
-            self._authenticate(request.headers)
         handler, methods = self._route(request.path)
-        _allow(request, methods)
-        return await handler(self, request)
+        if not request.path.startswith("/v1/"):
+            _allow(request, methods)
+            return await handler(self, request)
+        return await self._metered(request, methods, partial(handler, self))
+
+    # -- who may ask, and how often ---------------------------------------------------
+
+    def _check_where_from(self, request: Request) -> None:
+        if self._loopback_guard and not is_loopback_host(request.headers.get("host", "localhost")):
+            raise InvalidRequest(
+                "This server listens on loopback without an API key and answers only requests for "
+                f"localhost; the Host header was {request.headers['host']!r}.",
+                param="host",
+                code="invalid_host",
+            )
+        if self._role.server.require_https and not self._proxies.view(request.client, request.headers).https:
+            raise InvalidRequest(
+                "This server requires HTTPS: connect through its TLS-terminating proxy.",
+                code="https_required",
+            )
+
+    async def _metered(
+        self, request: Request, methods: frozenset[str], answer: Callable[[Request], Awaitable[Response]]
+    ) -> Response:
+        """Authenticate, count against the client's rate limit, answer; every
+        answer (errors too) tells the client its quota."""
+        self._authenticate(request.headers)
+        quota = self._limiter.take(self._client_id(request), trio.current_time())
+        if not quota.allowed:
+            raise RateLimited(
+                f"Rate limit reached: {self._role.rate_limit.requests_per_minute} requests per minute. "
+                "Retry after the time in the Retry-After header.",
+                code="rate_limit_exceeded",
+                headers=quota.headers(),
+            )
+        try:
+            _allow(request, methods)
+            response = await answer(request)
+        except ApiError as exc:
+            exc.headers += quota.headers()
+            raise
+        return _with_headers(response, quota.headers())
+
+    def _client_id(self, request: Request) -> str:
+        # Per key when there is one (every holder of the key shares it), else per address.
+        if self._key is not None:
+            return "key"
+        return "addr:" + self._proxies.view(request.client, request.headers).address
 
     # -- the chat endpoint, audited whatever happens ------------------------------
 
     async def _audited_chat(self, request: Request) -> Response:
         turn = Turn.begin(request, self._wall_clock)
         try:
-            self._authenticate(request.headers)
-            _allow(request, _POST)
-            response = await self._chat.respond(request, turn)
+            response = await self._metered(request, _POST, partial(self._chat.respond, turn=turn))
         except ApiError as exc:
             turn.failed(exc)
             self._log(turn)
@@ -111,6 +171,7 @@ class App:
             self._audit.record(turn.record(self._role))
 
     def _route(self, path: str) -> tuple[Handler, frozenset[str]]:
+        """The handler of a path and the methods it takes; NotFound if none."""
         route = _ROUTES.get(path)
         if route is not None:
             return route
@@ -143,10 +204,11 @@ class App:
 
 
 CHAT_PATH = "/v1/chat/completions"
+HEALTH_PATH = "/health"
 _READ = frozenset({"GET", "HEAD"})
 _POST = frozenset({"POST"})
 _ROUTES: dict[str, tuple[Handler, frozenset[str]]] = {
-    "/health": (App._health, _READ),
+    HEALTH_PATH: (App._health, _READ),
     "/v1/models": (App._models, _READ),
 }
 
@@ -157,6 +219,10 @@ def _allow(request: Request, methods: frozenset[str]) -> None:
         raise MethodNotAllowed(
             f"Method {request.method} is not allowed on {request.path}; use {allow}.", headers=[("allow", allow)]
         )
+
+
+def _with_headers(response: Response, headers: tuple[tuple[str, str], ...]) -> Response:
+    return attrs.evolve(response, headers=response.headers + headers) if headers else response
 
 
 def _auth_error(message: str) -> AuthenticationFailed:

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import AsyncIterator, Callable, Mapping
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping
+from contextlib import asynccontextmanager, contextmanager
 from datetime import UTC, datetime
 from functools import partial
 from typing import Any
@@ -123,6 +123,37 @@ class KeyedLocks:
                 del self._locks[key]
 
 
+class CallSlots:
+    """A cap on concurrent model calls: past it, refuse at once (503), never queue.
+
+    Queueing would hold the client's connection with no answer and no bound;
+    a fast 503 with Retry-After lets the client (the SDKs retry it) or a load
+    balancer go elsewhere.
+    """
+
+    def __init__(self, limit: int) -> None:
+        self._limit = limit
+        self._in_use = 0
+
+    @property
+    def in_use(self) -> int:
+        return self._in_use
+
+    @contextmanager
+    def hold(self) -> Iterator[None]:
+        if self._in_use >= self._limit:
+            raise Overloaded(
+                f"The server is at its limit of {self._limit} concurrent model calls; retry shortly.",
+                code="overloaded",
+                headers=[("retry-after", "1")],
+            )
+        self._in_use += 1
+        try:
+            yield
+        finally:
+            self._in_use -= 1
+
+
 class ChatHandler:
     def __init__(
         self,
@@ -136,6 +167,7 @@ class ChatHandler:
         self._provider = provider
         self._conversations = conversations
         self._turn_locks = KeyedLocks()  # serialises concurrent turns of one conversation
+        self.calls = CallSlots(role.server.max_upstream_calls)
         self._timeout_s = role.guardrails.timeout_seconds
         self._wall_clock = wall_clock
 
@@ -219,7 +251,7 @@ class ChatHandler:
         """
         started = False
         try:
-            with trio.fail_after(self._timeout_s):
+            with self.calls.hold(), trio.fail_after(self._timeout_s):
                 async with self._provider.stream(call) as events:
                     await send(encoder.role())
                     started = True
@@ -242,7 +274,7 @@ class ChatHandler:
         assembler = MessageAssembler()
         finish_reason: str | None = None
         try:
-            with trio.fail_after(self._timeout_s):
+            with self.calls.hold(), trio.fail_after(self._timeout_s):
                 async with self._provider.stream(call) as batches:
                     async for batch in batches:
                         for event in batch:

@@ -11,11 +11,13 @@ import errno
 import ipaddress
 import logging
 import os
+import resource
 import secrets
 import signal
 import sys
 import time
 from collections.abc import Mapping, Sequence
+from contextlib import suppress
 from pathlib import Path
 
 import attrs
@@ -26,8 +28,9 @@ from trio_serve.audit import DEFAULT_PATH as DEFAULT_AUDIT_DB
 from trio_serve.audit import AuditDatabase
 from trio_serve.config import Role, load_role
 from trio_serve.errors import StartupError
+from trio_serve.guard import LOOPBACK_PROXIES, TrustedProxies
 from trio_serve.providers.factory import provider_api_key
-from trio_serve.server import SHUTDOWN_GRACE_S, Running, ServeOptions, serve
+from trio_serve.server import MAX_REFUSING, SHUTDOWN_GRACE_S, Running, ServeOptions, serve
 
 EXIT_USAGE = 2
 
@@ -59,6 +62,14 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--cors-origin", action="append", default=[], metavar="ORIGIN", help="allowed CORS origin (repeatable)"
     )
+    run.add_argument(
+        "--forwarded-allow-ips",
+        type=_proxies,
+        default=LOOPBACK_PROXIES,
+        metavar="IPS",
+        help="proxies whose X-Forwarded-For/-Proto are believed: addresses or networks, comma-separated, "
+        "or '*' (default: 127.0.0.1,::1)",
+    )
     check = commands.add_parser("validate", help="check a role file without serving it")
     check.add_argument("role_file", type=Path, help="path to the role YAML file")
     audit_cli.add_commands(commands, DEFAULT_AUDIT_DB)
@@ -83,6 +94,13 @@ def _seconds(text: str) -> float:
     if not 0 <= seconds <= 3600:
         raise argparse.ArgumentTypeError(f"must be between 0 and 3600 seconds, got {text}")
     return seconds
+
+
+def _proxies(text: str) -> TrustedProxies:
+    try:
+        return TrustedProxies.parse(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -144,10 +162,31 @@ def _serve(args: argparse.Namespace, env: Mapping[str, str]) -> int:
         provider_key=provider_api_key(role.model, env),
         created=_created(args.role_file),
         grace_s=args.grace_period,
+        proxies=args.forwarded_allow_ips,
         audit_db=None if args.no_audit else AuditDatabase.open(audit_path(args.audit_db, env), env),
     )
+    _raise_descriptor_limit(role.server.max_connections, role.server.max_upstream_calls)
     trio.run(_run, _Plan(host=args.host, port=args.port, options=options))
     return 0
+
+
+def _raise_descriptor_limit(max_connections: int, max_upstream_calls: int) -> None:
+    """Make room for the configured caps, so the server answers 503 at its cap
+    rather than failing to accept at the system's (often 1024 by default)."""
+    needed = max_connections + max_upstream_calls + MAX_REFUSING + 256  # + audit, logs, listeners
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY or soft >= needed:
+        return
+    target = needed if hard == resource.RLIM_INFINITY else min(needed, hard)
+    with suppress(ValueError, OSError):
+        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+        soft = target
+    if soft < needed:
+        print(
+            f"initrunner: warning: the open-file limit ({soft}) is below the {needed} the connection caps need; "
+            "raise it (ulimit -n) or lower security.server.max_connections",
+            file=sys.stderr,
+        )
 
 
 def _client_key(args: argparse.Namespace, env: Mapping[str, str]) -> str | None:

@@ -251,11 +251,17 @@ class ServerLimits:
     require_https: bool = False
     sse_keepalive_seconds: float = 15.0  # a comment line after this much model silence
     max_history_messages: int = 40  # per stored conversation, oldest turns dropped first
+    # Overload caps (503 past them): each open stream holds two file descriptors
+    # (client and provider) and ~50 KB, so the defaults need ~3,100 descriptors
+    # (the CLI raises its soft limit to match) and ~100 MB at most.
+    max_connections: int = 2048
+    max_upstream_calls: int = 1024
 
     KEYS = frozenset(
         {
             "cors_origins", "max_request_body_bytes", "max_conversations",
             "conversation_ttl_seconds", "require_https", "sse_keepalive_seconds", "max_history_messages",
+            "max_connections", "max_upstream_calls",
         }
     )  # fmt: skip
 
@@ -269,6 +275,8 @@ class ServerLimits:
             require_https=fields.boolean("require_https", False),
             sse_keepalive_seconds=fields.number("sse_keepalive_seconds", 15.0, 1.0, 3600.0),
             max_history_messages=fields.integer("max_history_messages", 40, low=2),
+            max_connections=fields.integer("max_connections", 2048),
+            max_upstream_calls=fields.integer("max_upstream_calls", 1024),
         )
 
 

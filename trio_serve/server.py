@@ -12,6 +12,7 @@ then are ended with an in-band error event and `[DONE]`.
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import math
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
@@ -28,6 +29,7 @@ from trio_serve.audit import AuditDatabase, AuditLog
 from trio_serve.config import Role
 from trio_serve.conversations import ConversationStore
 from trio_serve.errors import ApiError, Overloaded, RequestTimeout
+from trio_serve.guard import LOOPBACK_PROXIES, TrustedProxies
 from trio_serve.http import NEED_DATA, SERVER_HEADER, HttpConnection, Phase, Request, Response, Send, new_request_id
 from trio_serve.openai import error_response
 from trio_serve.providers.factory import make_provider
@@ -47,6 +49,8 @@ UPSTREAM_CONNECT_TIMEOUT_S = 10.0
 SWEEP_INTERVAL_S = 60.0  # an expired conversation outlives its TTL by at most this
 UPSTREAM_POOLS = 16  # httpx pools the provider's connections are spread over (see Upstream)
 UPSTREAM_IDLE_PER_POOL = 16  # idle keep-alive connections each pool keeps
+REFUSAL_READ_S = 1.0  # past the connection cap, time given to send the request we refuse
+MAX_REFUSING = 64  # connections being refused at once; past this, closed without a word
 
 _PHASE_TIMEOUTS = {Phase.IDLE: KEEPALIVE_IDLE_S, Phase.HEAD: HEAD_TIMEOUT_S, Phase.BODY: BODY_TIMEOUT_S}
 
@@ -70,11 +74,15 @@ class HttpServer:
         app: App_,
         *,
         max_body_bytes: int,
+        max_connections: int = 2048,
         grace_s: float = SHUTDOWN_GRACE_S,
-        on_refused: Callable[[Request, ApiError], None] | None = None,
+        on_refused: Callable[[Request, ApiError], Response] | None = None,
     ) -> None:
         self._app = app
-        self._on_refused = on_refused  # told of requests refused while being read (413, 408)
+        self._max_connections = max_connections
+        self._open = 0  # connections being served
+        self._refusing = 0  # connections being answered 503 for want of room
+        self._on_refused = on_refused  # answers requests refused while being read (413, 408, 503)
         self._max_body_bytes = max_body_bytes
         self._grace_s = grace_s
         self._draining = False
@@ -130,16 +138,52 @@ class HttpServer:
 
     # -- one connection ----------------------------------------------------
 
+    @property
+    def open_connections(self) -> int:
+        return self._open
+
     async def handle_connection(self, stream: trio.abc.Stream) -> None:
         """Serve one client connection until it closes; never raises."""
+        if self._open >= self._max_connections:
+            await self._refuse_connection(stream)
+            return
+        self._open += 1
+        try:
+            await self._serve_connection(stream)
+        finally:
+            self._open -= 1
+
+    async def _refuse_connection(self, stream: trio.abc.Stream) -> None:
+        """At the connection cap: answer the request 503 at once, or just close
+        when even the refusals are too many (they hold descriptors too)."""
+        if self._refusing >= MAX_REFUSING:
+            await trio.aclose_forcefully(stream)
+            return
+        self._refusing += 1
+        http = HttpConnection(max_body_bytes=self._max_body_bytes, client=_peer(stream))
+        request: Request | None = None
+        try:
+            # Read the request first: a response the client never read (closed
+            # over its unread request) would reach it as a reset, not a 503.
+            with trio.move_on_after(REFUSAL_READ_S):
+                with suppress(ApiError, _ClientGone, trio.BrokenResourceError, trio.ClosedResourceError):
+                    request = await self._read_request(stream, http)
+            refusal = Overloaded(
+                f"The server is at its limit of {self._max_connections} open connections; retry shortly.",
+                code="overloaded",
+                headers=[("retry-after", "1")],
+            )
+            await self._send_error(stream, http, refusal, request)
+        finally:
+            self._refusing -= 1
+            await trio.aclose_forcefully(stream)
+
+    async def _serve_connection(self, stream: trio.abc.Stream) -> None:
         http = HttpConnection(max_body_bytes=self._max_body_bytes, client=_peer(stream))
         try:
             await self._serve_requests(stream, http)
         except ApiError as exc:
-            request = http.unfinished_request()
-            if request is not None and self._on_refused is not None:
-                self._on_refused(request, exc)
-            await self._send_error(stream, http, exc, request)
+            await self._send_error(stream, http, exc, http.unfinished_request())
         except (_ClientGone, trio.BrokenResourceError, trio.ClosedResourceError):
             pass
         except Exception:
@@ -256,11 +300,15 @@ class HttpServer:
     async def _send_error(
         self, stream: trio.abc.Stream, http: HttpConnection, error: ApiError, request: Request | None = None
     ) -> None:
+        """Refuse `request` (None if its head never came), then the connection closes."""
+        response = error_response(error)
+        if request is not None and self._on_refused is not None:
+            response = self._on_refused(request, error)  # the app audits it and adds CORS headers
         if not http.can_respond():
             return
         writer = _ResponseWriter(stream, http, request, self._base_headers)
         with suppress(_ClientGone, trio.BrokenResourceError, trio.ClosedResourceError):
-            await writer.write(error_response(error), close=True)
+            await writer.write(response, close=True)
 
 
 async def send_or_gone(stream: trio.abc.Stream, data: bytes) -> None:
@@ -425,6 +473,7 @@ class ServeOptions:
     grace_s: float = SHUTDOWN_GRACE_S
     retry: RetryPolicy = DEFAULT_RETRY
     audit_db: AuditDatabase | None = None  # None: no audit log (--no-audit)
+    proxies: TrustedProxies = LOOPBACK_PROXIES  # --forwarded-allow-ips
 
 
 @attrs.frozen
@@ -470,9 +519,15 @@ async def serve(
                 created=options.created,
                 conversations=conversations,
                 audit=audit,
+                proxies=options.proxies,
+                loopback_only=_all_loopback(listeners),
             )
             server = HttpServer(
-                app, max_body_bytes=role.server.max_request_body_bytes, grace_s=options.grace_s, on_refused=app.refused
+                app,
+                max_body_bytes=role.server.max_request_body_bytes,
+                max_connections=role.server.max_connections,
+                grace_s=options.grace_s,
+                on_refused=app.refused,
             )
             running = Running(
                 addresses=_addresses(listeners),
@@ -514,6 +569,10 @@ async def sweep_conversations(conversations: ConversationStore, interval_s: floa
     while True:
         await trio.sleep(interval_s)
         conversations.sweep(trio.current_time())
+
+
+def _all_loopback(listeners: Sequence[trio.SocketListener]) -> bool:
+    return all(ipaddress.ip_address(host.partition("%")[0]).is_loopback for host, _ in _addresses(listeners))
 
 
 def _addresses(listeners: Sequence[trio.SocketListener]) -> tuple[tuple[str, int], ...]:
