@@ -21,7 +21,7 @@ from tests.conftest import IO_TIMEOUT_S, make_role, sse_events
 from tests.openai_schema import check_chunk, check_error
 from trio_serve.app import App
 from trio_serve.config import Guardrails, Role, ServerLimits
-from trio_serve.http import MAX_HEAD_BYTES, Request, Response
+from trio_serve.http import MAX_HEAD_BYTES, MAX_HEADER_COUNT, MAX_TARGET_BYTES, Request, Response
 from trio_serve.providers.base import Batch, Delta, ModelCall, Provider
 from trio_serve.providers.echo import EchoProvider
 from trio_serve.server import HEAD_TIMEOUT_S, KEEPALIVE_IDLE_S, SEND_TIMEOUT_S, HttpServer
@@ -166,6 +166,8 @@ async def test_pipelined_requests_are_answered_in_order(nursery: trio.Nursery) -
         (b"THIS IS NOT HTTP\r\n\r\n", 400),
         (b"GET / HTTP/1.1\r\nNo-Colon-Header\r\n\r\n", 400),
         (b"GET / HTTP/1.1\r\nHost: t\r\nX-Big: " + b"a" * MAX_HEAD_BYTES + b"\r\n\r\n", 431),
+        (b"GET /" + b"a" * MAX_TARGET_BYTES + b" HTTP/1.1\r\nHost: t\r\n\r\n", 414),
+        (b"GET / HTTP/1.1\r\nHost: t\r\n" + b"X: y\r\n" * MAX_HEADER_COUNT + b"\r\n", 431),
         (b"POST /v1/chat/completions HTTP/1.1\r\nHost: t\r\nContent-Length: 1001\r\n\r\n", 413),
         (b"POST /v1/chat/completions HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\n"
          + (b"100\r\n" + b"a" * 256 + b"\r\n") * 4, 413),

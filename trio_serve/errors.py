@@ -74,6 +74,11 @@ class PayloadTooLarge(ApiError):
     type = "invalid_request_error"
 
 
+class UriTooLong(ApiError):
+    status = 414
+    type = "invalid_request_error"
+
+
 class UnsupportedMediaType(ApiError):
     status = 415
     type = "invalid_request_error"

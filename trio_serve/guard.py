@@ -96,8 +96,8 @@ class RateLimiter:
             del self._buckets[next(iter(self._buckets))]
         if len(self._buckets) >= self._sweep_at:
             # Amortised: a sweep costs O(n) and runs again only after n more clients.
-            refill_s = self._burst / self._rate
-            self._buckets = {c: (t, at) for c, (t, at) in self._buckets.items() if now - at < refill_s}
+            full = float(self._burst)
+            self._buckets = {c: (t, at) for c, (t, at) in self._buckets.items() if t + (now - at) * self._rate < full}
             self._sweep_at = max(_SWEEP_FLOOR, 2 * len(self._buckets))
 
 

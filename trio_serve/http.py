@@ -17,9 +17,11 @@ from http import HTTPStatus
 import attrs
 import h11
 
-from trio_serve.errors import ApiError, HeaderTooLarge, InvalidRequest, PayloadTooLarge
+from trio_serve.errors import ApiError, HeaderTooLarge, InvalidRequest, PayloadTooLarge, UriTooLong
 
 MAX_HEAD_BYTES = 16 * 1024  # spec: a request head over 16 KiB is answered 431
+MAX_TARGET_BYTES = 8 * 1024  # a longer request line is answered 414 (no path of ours is near it)
+MAX_HEADER_COUNT = 100  # many tiny headers cost more to index than their bytes suggest: 431
 REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 SERVER_HEADER = ("server", "trio_serve")
 
@@ -134,6 +136,10 @@ class HttpConnection:
         # read is measured here, so the limit holds however the bytes were split.
         if _head_size(head) > MAX_HEAD_BYTES:
             raise _protocol_error(h11.RemoteProtocolError("head too large", error_status_hint=431))
+        if len(head.target) > MAX_TARGET_BYTES:
+            raise UriTooLong(f"Request target is longer than the limit of {MAX_TARGET_BYTES} bytes.")
+        if len(head.headers) > MAX_HEADER_COUNT:
+            raise HeaderTooLarge(f"Request has more than the limit of {MAX_HEADER_COUNT} header fields.")
         self._head = head
         self._body.clear()
         length = _content_length(head)

@@ -151,7 +151,8 @@ class HttpServer:
         try:
             await self._serve_connection(stream)
         finally:
-            self._open -= 1
+            self._open -= 1  # before the close: a client that saw it has room for its next one
+            await trio.aclose_forcefully(stream)
 
     async def _refuse_connection(self, stream: trio.abc.Stream) -> None:
         """At the connection cap: answer the request 503 at once, or just close
@@ -179,6 +180,7 @@ class HttpServer:
             await trio.aclose_forcefully(stream)
 
     async def _serve_connection(self, stream: trio.abc.Stream) -> None:
+        """Serve requests until the client closes or must be closed (the caller closes)."""
         http = HttpConnection(max_body_bytes=self._max_body_bytes, client=_peer(stream))
         try:
             await self._serve_requests(stream, http)
@@ -191,8 +193,6 @@ class HttpServer:
             # 500 if nothing was sent yet, and close this connection only.
             log.exception("unexpected error on a connection")
             await self._send_error(stream, http, ApiError("Internal server error."))
-        finally:
-            await trio.aclose_forcefully(stream)
 
     async def _serve_requests(self, stream: trio.abc.Stream, http: HttpConnection) -> None:
         while True:
