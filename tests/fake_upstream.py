@@ -35,6 +35,8 @@ class Script:
     hang: bool = False  # never answer at all
     stall_after: int | None = None  # go silent forever after this many deltas
     reset_after: int | None = None  # reset the connection (RST) after this many deltas
+    garbage: bytes | None = None  # sent after the deltas instead of the rest; then the stream ends
+    trickle_s: float | None = None  # send every frame a byte at a time, this far apart
 
 
 @attrs.define
@@ -132,6 +134,9 @@ class FakeUpstream:
             return
         await _send(stream, conn, h11.Response(status_code=200, headers=[("content-type", "text/event-stream")]))
         frames = _anthropic_frames(script, exchange.body) if anthropic else _openai_frames(script, exchange.body)
+        if script.garbage is not None:
+            last_delta = max(i for i, (is_delta, _) in enumerate(frames) if is_delta)
+            frames = [*frames[: last_delta + 1], (False, script.garbage)]
         deltas_sent = 0
         for is_delta, frame in frames:
             if is_delta:
@@ -143,7 +148,12 @@ class FakeUpstream:
                     raise trio.BrokenResourceError("reset by the script")
                 await trio.sleep(script.delta_delay_s)
                 deltas_sent += 1
-            await _send(stream, conn, h11.Data(data=frame))
+            if script.trickle_s is None:
+                await _send(stream, conn, h11.Data(data=frame))
+            else:
+                for byte in range(len(frame)):
+                    await _send(stream, conn, h11.Data(data=frame[byte : byte + 1]))
+                    await trio.sleep(script.trickle_s)
             exchange.frames_sent += 1
         await _send(stream, conn, h11.EndOfMessage())
 

@@ -23,7 +23,7 @@ import trio
 from trio_serve.errors import ApiError, InvalidRequest, RateLimited, UpstreamError
 from trio_serve.providers.base import Batch
 from trio_serve.redact import redact
-from trio_serve.sse import SseDecoder
+from trio_serve.sse import EventTooLarge, SseDecoder
 
 StreamReader = Callable[[httpx.Response, tuple[str, ...]], AsyncGenerator[Batch, None]]
 WholeReader = Callable[[bytes], Batch]
@@ -32,6 +32,8 @@ RETRYABLE_STATUSES = frozenset({429, 500, 502, 503, 504})
 CLIENT_ERROR_STATUSES = frozenset({400, 413, 422})  # the request itself was refused
 DRAIN_AFTER_END_S = 0.1
 MAX_DETAIL_CHARS = 500  # a provider's message is quoted, never its whole body
+MAX_ANSWER_BYTES = 16 * 1024 * 1024  # a whole (non-streamed) answer; a chat answer is far smaller
+MAX_ERROR_BODY_BYTES = 64 * 1024  # enough for any provider's error message
 _CONTEXT_RE = re.compile(r"context.length|maximum context|context window|prompt is too long|too many tokens", re.I)
 
 
@@ -118,9 +120,9 @@ class Upstream:
 
     async def _status_error(self, response: httpx.Response) -> ApiError:
         try:
-            body = await response.aread()
-        except httpx.HTTPError:
-            body = b""
+            body = await read_bounded(response, MAX_ERROR_BODY_BYTES)
+        except (httpx.HTTPError, UpstreamError):
+            body = b""  # the status says enough
         finally:
             await response.aclose()
         retry_after = response.headers.get("retry-after")
@@ -200,6 +202,8 @@ async def sse_payloads(response: httpx.Response) -> AsyncGenerator[list[str], No
                 yield batch
     except httpx.HTTPError as exc:
         raise UpstreamError(f"The model provider's stream broke off ({type(exc).__name__}).") from exc
+    except EventTooLarge as exc:
+        raise UpstreamError(f"The model provider's stream is broken: {exc}.") from None
     tail = decoder.close()
     if tail is not None:
         yield [tail]
@@ -215,10 +219,20 @@ async def drain(payloads: AsyncGenerator[list[str], None]) -> None:
 
 async def _whole_answer(response: httpx.Response, parse: WholeReader) -> AsyncGenerator[Batch, None]:
     try:
-        body = await response.aread()
+        body = await read_bounded(response, MAX_ANSWER_BYTES)
     except httpx.HTTPError as exc:
         raise UpstreamError(f"The model provider's answer broke off ({type(exc).__name__}).") from exc
     yield parse(body)
+
+
+async def read_bounded(response: httpx.Response, limit: int) -> bytes:
+    """The body, or UpstreamError past `limit` bytes: a provider cannot make us buffer without end."""
+    body = bytearray()
+    async for chunk in response.aiter_bytes():
+        body += chunk
+        if len(body) > limit:
+            raise UpstreamError(f"The model provider's answer is larger than {limit} bytes.")
+    return bytes(body)
 
 
 def json_object(data: str | bytes) -> dict[str, Any]:
