@@ -9,6 +9,7 @@ a `Turn`, from which the app makes the audit record.
 from __future__ import annotations
 
 import os
+import re
 import time
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from contextlib import asynccontextmanager, contextmanager
@@ -21,9 +22,16 @@ import orjson
 import trio
 
 from trio_serve.audit import AuditRecord
-from trio_serve.config import Role
+from trio_serve.config import ContentPolicy, Role
 from trio_serve.conversations import HEADER, ConversationStore, History, conversation_id, new_turn
-from trio_serve.errors import ApiError, GatewayTimeout, Overloaded, UnsupportedMediaType, UpstreamError
+from trio_serve.errors import (
+    ApiError,
+    GatewayTimeout,
+    InvalidRequest,
+    Overloaded,
+    UnsupportedMediaType,
+    UpstreamError,
+)
 from trio_serve.http import Request, Response, Send
 from trio_serve.openai import (
     JSON_HEADERS,
@@ -154,6 +162,33 @@ class CallSlots:
             self._in_use -= 1
 
 
+class InputPolicy:
+    """The role's `security.content`: user messages over `max_prompt_length`
+    characters, or matching a blocked pattern, are refused before the model sees them."""
+
+    def __init__(self, policy: ContentPolicy) -> None:
+        self._max_chars = policy.max_prompt_length
+        self._blocked = [re.compile(pattern) for pattern in policy.blocked_input_patterns]
+
+    def check(self, messages: History) -> None:
+        for index, message in enumerate(messages):
+            if message["role"] != "user":
+                continue
+            text = text_of(message)
+            if len(text) > self._max_chars:
+                raise InvalidRequest(
+                    f"The message is {len(text)} characters long; this agent takes at most {self._max_chars}.",
+                    param=f"messages[{index}].content",
+                    code="prompt_too_long",
+                )
+            if any(pattern.search(text) for pattern in self._blocked):
+                raise InvalidRequest(
+                    "The message was refused by this agent's content policy.",
+                    param=f"messages[{index}].content",
+                    code="content_policy_violation",
+                )
+
+
 class ChatHandler:
     def __init__(
         self,
@@ -168,6 +203,7 @@ class ChatHandler:
         self._conversations = conversations
         self._turn_locks = KeyedLocks()  # serialises concurrent turns of one conversation
         self.calls = CallSlots(role.server.max_upstream_calls)
+        self._content = InputPolicy(role.content)
         self._timeout_s = role.guardrails.timeout_seconds
         self._wall_clock = wall_clock
 
@@ -177,6 +213,7 @@ class ChatHandler:
         chat = ChatRequest.from_json(request.body)
         turn.stream, turn.conversation_id = chat.stream, conversation
         turn.user_prompt = next((text_of(m) for m in reversed(chat.messages) if m["role"] == "user"), "")
+        self._content.check(chat.messages)
         completion_id = "chatcmpl-" + os.urandom(12).hex()
         created = int(self._wall_clock())
         echo = ((HEADER, conversation),) if conversation else ()
