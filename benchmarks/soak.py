@@ -10,7 +10,7 @@ off). A warm-up round sets the baseline; after the main round, with every
 client gone, the server must be back at it:
 
 - live trio tasks and open file descriptors (other than the provider
-  connections httpx keeps pooled, which are bounded) equal to the baseline;
+  connections kept for reuse, which are bounded) equal to the baseline;
 - resident memory within a small allowance of it (allocators keep some);
 - no provider request still running; every chat request in the audit log.
 
@@ -37,7 +37,8 @@ import trio
 from benchmarks.servers import fake_provider
 from trio_serve.audit import AuditDatabase
 from trio_serve.config import ModelConfig, RateLimit, Role, ServerLimits
-from trio_serve.server import UPSTREAM_IDLE_PER_POOL, UPSTREAM_POOLS, Running, ServeOptions, serve
+from trio_serve.providers.transport import MAX_IDLE_PER_ORIGIN
+from trio_serve.server import Running, ServeOptions, serve
 
 RSS_ALLOWANCE_MB = 16.0  # growth that allocator caching can explain; a leak under load grows past it
 SETTLE_TIMEOUT_S = 10.0  # time for the server to notice every client has gone
@@ -50,7 +51,7 @@ CHAT = "/v1/chat/completions"
 class Snapshot:
     tasks: int
     fds: int  # open descriptors other than pooled provider connections
-    pooled: int  # idle provider connections httpx keeps (bounded by the pool sizes)
+    pooled: int  # idle provider connections kept for reuse (bounded by the transport)
     rss_mb: float
 
     def __str__(self) -> str:
@@ -294,8 +295,8 @@ def checks(
         failures.append(f"live tasks grew: {baseline.tasks} -> {after.tasks}")
     if after.fds > baseline.fds:
         failures.append(f"open file descriptors grew: {baseline.fds} -> {after.fds}")
-    if after.pooled > UPSTREAM_POOLS * UPSTREAM_IDLE_PER_POOL:
-        failures.append(f"{after.pooled} pooled provider connections, more than the pools hold")
+    if after.pooled > MAX_IDLE_PER_ORIGIN:
+        failures.append(f"{after.pooled} pooled provider connections, more than the pool keeps")
     if after.rss_mb > baseline.rss_mb + RSS_ALLOWANCE_MB:
         failures.append(f"RSS grew {after.rss_mb - baseline.rss_mb:.1f} MB (allowance {RSS_ALLOWANCE_MB:g} MB)")
     if answering:

@@ -109,7 +109,7 @@ class FakeUpstream:
             arrived.set()
             script = self.scripts.popleft() if self.scripts else self.default
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(_watch_close, stream, exchange, nursery.cancel_scope)
+                nursery.start_soon(_watch_close, stream, conn, exchange, nursery.cancel_scope)
                 try:
                     await self._answer(stream, conn, exchange, script)
                     exchange.completed = True
@@ -261,10 +261,14 @@ async def _read_request(stream: trio.SocketStream, conn: h11.Connection) -> tupl
             return None, b""
 
 
-async def _watch_close(stream: trio.SocketStream, exchange: Exchange, scope: trio.CancelScope) -> None:
+async def _watch_close(
+    stream: trio.SocketStream, conn: h11.Connection, exchange: Exchange, scope: trio.CancelScope
+) -> None:
     try:
-        while await stream.receive_some(65536):
-            pass  # our client never pipelines; anything else would be a bug there
+        while data := await stream.receive_some(65536):
+            # A client reusing the connection may send its next request the
+            # moment it has read this answer, before this watcher is stopped.
+            conn.receive_data(data)
     except (trio.BrokenResourceError, trio.ClosedResourceError):
         pass
     _closed(exchange)

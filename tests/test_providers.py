@@ -60,7 +60,7 @@ class Recorder:
 
 def provider_for(wire: str, recorder: Recorder, **model: Any) -> Provider:
     client = httpx.AsyncClient(transport=httpx.MockTransport(recorder))
-    upstream = Upstream(clients=(client,), provider=wire, secrets=(SECRET,), retry=RetryPolicy())
+    upstream = Upstream(client=client, provider=wire, secrets=(SECRET,), retry=RetryPolicy())
     config = ModelConfig(provider=wire, name="model-x", **model)
     cls = Anthropic if wire == "anthropic" else OpenAICompatible
     return cls(upstream=upstream, base_url="https://provider.test", api_key=SECRET, model=config)

@@ -1,6 +1,6 @@
 """Sockets, timeouts and the one nursery tree.
 
-Lifetimes nest: the httpx clients and the audit writer outlive the conversation
+Lifetimes nest: the httpx client and the audit writer outlive the conversation
 sweeper and the connection handlers, which outlive the accept loop. Each connection is one task; while a
 request is answered, a sibling task watches the socket, and the client going
 away cancels the answer, the provider's HTTP request included.
@@ -16,7 +16,7 @@ import ipaddress
 import logging
 import math
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
-from contextlib import AsyncExitStack, asynccontextmanager, contextmanager, suppress
+from contextlib import asynccontextmanager, contextmanager, suppress
 from email.utils import formatdate
 from functools import partial
 
@@ -33,6 +33,7 @@ from trio_serve.guard import LOOPBACK_PROXIES, TrustedProxies
 from trio_serve.http import NEED_DATA, SERVER_HEADER, HttpConnection, Phase, Request, Response, Send, new_request_id
 from trio_serve.openai import error_response
 from trio_serve.providers.factory import make_provider
+from trio_serve.providers.transport import TrioTransport
 from trio_serve.providers.upstream import DEFAULT_RETRY, RetryPolicy
 
 log = logging.getLogger("trio_serve")
@@ -47,8 +48,6 @@ RECEIVE_BYTES = 64 * 1024
 PIPELINE_BUFFER_BYTES = 1024 * 1024  # read ahead of the answer at most this, then stop
 UPSTREAM_CONNECT_TIMEOUT_S = 10.0
 SWEEP_INTERVAL_S = 60.0  # an expired conversation outlives its TTL by at most this
-UPSTREAM_POOLS = 16  # httpx pools the provider's connections are spread over (see Upstream)
-UPSTREAM_IDLE_PER_POOL = 16  # idle keep-alive connections each pool keeps
 REFUSAL_READ_S = 1.0  # past the connection cap, time given to send the request we refuse
 MAX_REFUSING = 64  # connections being refused at once; past this, closed without a word
 
@@ -507,11 +506,11 @@ async def serve(
     )
     secrets = tuple(key for key in (options.api_key, options.provider_key) if key)
     audit = AuditLog(options.audit_db, secrets=secrets) if options.audit_db else None
-    async with _upstream_clients() as clients, trio.open_nursery() as lasting:
+    async with _upstream_client() as client, trio.open_nursery() as lasting:
         if audit is not None:
             await lasting.start(audit.run)
         try:
-            provider = make_provider(role.model, clients=clients, api_key=options.provider_key, retry=options.retry)
+            provider = make_provider(role.model, client=client, api_key=options.provider_key, retry=options.retry)
             app = App(
                 role=role,
                 provider=provider,
@@ -548,20 +547,12 @@ async def serve(
 
 
 @asynccontextmanager
-async def _upstream_clients() -> AsyncIterator[tuple[httpx.AsyncClient, ...]]:
-    """The httpx clients the provider's requests are spread over (see Upstream)."""
-    # No read timeout of httpx's own: guardrails.timeout_seconds bounds the whole call.
-    timeout = httpx.Timeout(None, connect=UPSTREAM_CONNECT_TIMEOUT_S)
-    limits = httpx.Limits(max_connections=None, max_keepalive_connections=UPSTREAM_IDLE_PER_POOL)
-    tls = httpx.create_ssl_context()  # loading the CA bundle takes ~20 ms: once, not per client
-    async with AsyncExitStack() as stack:
-        clients = [
-            await stack.enter_async_context(
-                httpx.AsyncClient(timeout=timeout, limits=limits, verify=tls, trust_env=False)
-            )
-            for _ in range(UPSTREAM_POOLS)
-        ]
-        yield tuple(clients)
+async def _upstream_client() -> AsyncIterator[httpx.AsyncClient]:
+    """The httpx client every provider request goes through, on our trio transport."""
+    # No read timeout: guardrails.timeout_seconds bounds the whole call.
+    transport = TrioTransport(ssl_context=httpx.create_ssl_context(), connect_timeout_s=UPSTREAM_CONNECT_TIMEOUT_S)
+    async with httpx.AsyncClient(transport=transport, timeout=None, trust_env=False) as client:
+        yield client
 
 
 async def sweep_conversations(conversations: ConversationStore, interval_s: float = SWEEP_INTERVAL_S) -> None:

@@ -19,7 +19,7 @@ from trio_serve.config import ModelConfig
 from trio_serve.errors import InvalidRequest, UpstreamError
 from trio_serve.openai import text_of
 from trio_serve.providers.base import Batch, Delta, Event, Finish, ModelCall, Usage
-from trio_serve.providers.upstream import Upstream, drain, json_object, sse_payloads
+from trio_serve.providers.upstream import Upstream, drain, json_object, parse_until_failure, sse_payloads
 from trio_serve.redact import redact
 
 ANTHROPIC_VERSION = "2023-06-01"
@@ -251,9 +251,11 @@ async def _stream_events(response: httpx.Response, secrets: tuple[str, ...]) -> 
     translator = StreamTranslator(secrets)
     async with aclosing(sse_payloads(response)) as payloads:
         async for payload_batch in payloads:
-            batch: Batch = [event for data in payload_batch for event in translator.feed(data)]
+            batch, failure = parse_until_failure(payload_batch, translator.feed)
             if batch:
                 yield batch
+            if failure is not None:
+                raise failure
             if translator.stopped:
                 await drain(payloads)
                 return

@@ -36,7 +36,7 @@ def provider_api_key(model: ModelConfig, env: Mapping[str, str]) -> str | None:
 def make_provider(
     model: ModelConfig,
     *,
-    clients: tuple[httpx.AsyncClient, ...],
+    client: httpx.AsyncClient,
     api_key: str | None,
     retry: RetryPolicy = DEFAULT_RETRY,
 ) -> Provider:
@@ -46,6 +46,6 @@ def make_provider(
     base_url = model.base_url or spec.base_url
     if base_url is None:
         raise StartupError(f"the {model.provider} provider needs model.base_url")
-    upstream = Upstream(clients=clients, provider=model.provider, secrets=(api_key,) if api_key else (), retry=retry)
+    upstream = Upstream(client=client, provider=model.provider, secrets=(api_key,) if api_key else (), retry=retry)
     wire = Anthropic if spec.wire == "anthropic" else OpenAICompatible
     return wire(upstream=upstream, base_url=base_url, api_key=api_key, model=model)

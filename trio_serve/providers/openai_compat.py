@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncGenerator, AsyncIterator, Mapping
 from contextlib import AbstractAsyncContextManager, aclosing
+from functools import partial
 from typing import Any
 
 import httpx
@@ -19,7 +20,7 @@ from trio_serve.config import ModelConfig
 from trio_serve.errors import UpstreamError
 from trio_serve.openai import relayed_delta
 from trio_serve.providers.base import Batch, Delta, Event, Finish, ModelCall, Usage
-from trio_serve.providers.upstream import Upstream, drain, json_object, sse_payloads
+from trio_serve.providers.upstream import Upstream, drain, json_object, parse_until_failure, sse_payloads
 from trio_serve.redact import redact
 
 
@@ -63,15 +64,14 @@ async def _stream_events(response: httpx.Response, secrets: tuple[str, ...]) -> 
     finished = done = False
     async with aclosing(sse_payloads(response)) as payloads:
         async for payload_batch in payloads:
-            batch: Batch = []
-            for data in payload_batch:
-                if data == "[DONE]":
-                    done = True
-                    break
-                batch += chunk_events(data, secrets)
+            if "[DONE]" in payload_batch:
+                payload_batch, done = payload_batch[: payload_batch.index("[DONE]")], True
+            batch, failure = parse_until_failure(payload_batch, partial(chunk_events, secrets=secrets))
             finished = finished or any(isinstance(event, Finish) for event in batch)
             if batch:
                 yield batch
+            if failure is not None:
+                raise failure
             if done:
                 await drain(payloads)
                 break

@@ -8,10 +8,9 @@ reorder tokens the client already saw.
 
 from __future__ import annotations
 
-import itertools
 import random
 import re
-from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterable, Iterator, Mapping
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterable, Mapping
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -21,7 +20,7 @@ import orjson
 import trio
 
 from trio_serve.errors import ApiError, InvalidRequest, RateLimited, UpstreamError
-from trio_serve.providers.base import Batch
+from trio_serve.providers.base import Batch, Event
 from trio_serve.redact import redact
 from trio_serve.sse import EventTooLarge, SseDecoder
 
@@ -55,20 +54,13 @@ DEFAULT_RETRY = RetryPolicy()
 
 @attrs.frozen(kw_only=True)
 class Upstream:
-    """How to reach one provider: its clients, name (for messages) and secrets.
+    """How to reach one provider: the httpx client, its name (for messages) and secrets."""
 
-    Several httpx clients share the connections: httpcore's pool scans all of
-    its connections (a readability syscall each) whenever a request starts
-    or ends, so one pool of N streaming connections costs O(N) per request.
-    Requests are spread round-robin over the clients to keep each pool small.
-    """
-
-    clients: tuple[httpx.AsyncClient, ...]
+    client: httpx.AsyncClient
     provider: str
     secrets: tuple[str, ...] = ()
     retry: RetryPolicy = DEFAULT_RETRY
     rng: random.Random = attrs.field(factory=random.Random)
-    _turn: Iterator[int] = attrs.field(init=False, factory=lambda: itertools.count())
 
     @asynccontextmanager
     async def answer(
@@ -76,7 +68,7 @@ class Upstream:
     ) -> AsyncIterator[AsyncIterator[Batch]]:
         """POST `body` and read the answer in batches of events: with `streamed`
         when it is an event stream, else as one body with `whole`."""
-        request = self.clients[0].build_request("POST", url, content=body, headers=headers)
+        request = self.client.build_request("POST", url, content=body, headers=headers)
         async with self.open(request) as response:
             is_stream = is_event_stream(response)
             batches = streamed(response, self.secrets) if is_stream else _whole_answer(response, whole)
@@ -98,8 +90,7 @@ class Upstream:
         for attempt in range(self.retry.retries + 1):
             last = attempt == self.retry.retries
             try:
-                client = self.clients[next(self._turn) % len(self.clients)]
-                response = await client.send(request, stream=True)
+                response = await self.client.send(request, stream=True)
             except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
                 if last:
                     reason = redact(str(exc), self.secrets) or type(exc).__name__
@@ -207,6 +198,18 @@ async def sse_payloads(response: httpx.Response) -> AsyncGenerator[list[str], No
     tail = decoder.close()
     if tail is not None:
         yield [tail]
+
+
+def parse_until_failure(payloads: Iterable[str], parse: Callable[[str], list[Event]]) -> tuple[Batch, ApiError | None]:
+    """The events of `payloads` in order, up to the first that fails to parse, and
+    that failure: events that arrived before garbage in the same read are still relayed."""
+    batch: Batch = []
+    for data in payloads:
+        try:
+            batch += parse(data)
+        except ApiError as exc:
+            return batch, exc
+    return batch, None
 
 
 async def drain(payloads: AsyncGenerator[list[str], None]) -> None:
