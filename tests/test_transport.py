@@ -5,6 +5,8 @@ TLS, content decoding, and errors in httpx's own types."""
 from __future__ import annotations
 
 import gzip
+import os
+import resource
 import ssl
 from collections.abc import Awaitable, Callable
 
@@ -200,3 +202,25 @@ async def test_events_that_arrive_together_come_out_together(nursery: trio.Nurse
         ):
             pieces = [piece async for piece in response.aiter_bytes()]
         assert pieces == [events]  # three HTTP chunks of one read: one piece, one write to our client
+
+
+async def test_connections_on_descriptors_above_1023_are_reused(nursery: trio.Nursery) -> None:
+    # select() cannot watch descriptors past 1023, and a busy server has many.
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    assert hard == resource.RLIM_INFINITY or hard > 1100, f"this test needs an open-file limit above 1100, not {hard}"
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard if hard != resource.RLIM_INFINITY else 4096, hard))
+    fillers = []
+    try:
+        while not fillers or fillers[-1] < 1100:
+            fillers.append(os.open(os.devnull, os.O_RDONLY))  # the next sockets get high numbers
+        with trio.fail_after(IO_TIMEOUT_S):
+            server = await served(nursery, always_ok)
+            transport = TrioTransport()
+            async with client(transport) as http:
+                for _ in range(3):
+                    assert (await http.get(f"http://127.0.0.1:{server.port}/")).status_code == 200
+            assert transport.connections_opened == 1
+    finally:
+        for descriptor in fillers:
+            os.close(descriptor)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))

@@ -258,8 +258,9 @@ def _readable(stream: trio.abc.Stream) -> bool:
     sock = getattr(transport, "socket", None)
     if sock is None:
         return False
-    readable, _, _ = select.select([sock.fileno()], [], [], 0)
-    return bool(readable)
+    poller = select.poll()  # not select.select(): descriptors above 1023 are common here
+    poller.register(sock.fileno(), select.POLLIN)
+    return bool(poller.poll(0))
 
 
 def _close_now(connection: _Connection) -> None:
