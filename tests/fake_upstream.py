@@ -1,8 +1,10 @@
 """A fake OpenAI-compatible model provider: a real HTTP server on 127.0.0.1:0.
 
 Scripted per request (fast, slow, first-byte delay, hang, error status,
-truncated stream, tool calls) and recording what it was sent and when each
-connection closed, so tests can prove that cancellation reaches the provider.
+truncated stream, tool calls), streamed, or as one JSON body when the request
+says `"stream": false`, as providers answer. It records what it was sent and
+when each connection closed, so tests can prove that cancellation reaches the
+provider.
 """
 
 from __future__ import annotations
@@ -132,6 +134,9 @@ class FakeUpstream:
         if script.status != 200:
             await _send_error(stream, conn, script)
             return
+        if not exchange.body.get("stream"):
+            await _answer_whole(stream, conn, exchange, script, anthropic)
+            return
         await _send(stream, conn, h11.Response(status_code=200, headers=[("content-type", "text/event-stream")]))
         frames = _anthropic_frames(script, exchange.body) if anthropic else _openai_frames(script, exchange.body)
         if script.garbage is not None:
@@ -143,9 +148,7 @@ class FakeUpstream:
                 if deltas_sent == script.stall_after:
                     await trio.sleep_forever()
                 if deltas_sent == script.reset_after:
-                    stream.socket.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-                    stream.socket.close()
-                    raise trio.BrokenResourceError("reset by the script")
+                    _reset(stream)
                 await trio.sleep(script.delta_delay_s)
                 deltas_sent += 1
             if script.trickle_s is None:
@@ -161,6 +164,79 @@ class FakeUpstream:
         if anthropic:
             return exchange.headers.get("x-api-key") == self.api_key
         return exchange.headers.get("authorization") == f"Bearer {self.api_key}"
+
+
+async def _answer_whole(
+    stream: trio.SocketStream, conn: h11.Connection, exchange: Exchange, script: Script, anthropic: bool
+) -> None:
+    """A non-streamed request: the script's answer as one JSON body, once the model would have finished."""
+    if script.stall_after is not None:
+        await trio.sleep_forever()  # the model never finishes
+    if script.reset_after is not None:
+        _reset(stream)
+    await trio.sleep(script.delta_delay_s * len(script.deltas))
+    message = _assembled(script.deltas)
+    whole = (
+        _anthropic_message(script, exchange.body, message)
+        if anthropic
+        else _openai_completion(script, exchange.body, message)
+    )
+    body = script.garbage if script.garbage is not None else orjson.dumps(whole)
+    headers = [("content-type", "application/json"), ("content-length", str(len(body)))]
+    await _send(stream, conn, h11.Response(status_code=200, headers=headers))
+    pieces = [body] if script.trickle_s is None else [body[i : i + 1] for i in range(len(body))]
+    for piece in pieces:
+        await _send(stream, conn, h11.Data(data=piece))
+        await trio.sleep(script.trickle_s or 0)
+    exchange.frames_sent += 1
+    await _send(stream, conn, h11.EndOfMessage())
+
+
+def _reset(stream: trio.SocketStream) -> None:
+    stream.socket.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    stream.socket.close()
+    raise trio.BrokenResourceError("reset by the script")
+
+
+def _assembled(deltas: tuple[dict[str, Any], ...]) -> dict[str, Any]:
+    """The assistant message the deltas add up to (tool-call fragments joined by index)."""
+    content = "".join(delta.get("content") or "" for delta in deltas)
+    calls: dict[int, dict[str, Any]] = {}
+    for delta in deltas:
+        for fragment in delta.get("tool_calls") or ():
+            call = calls.setdefault(fragment["index"], {"type": "function", "function": {"arguments": ""}})
+            if fragment.get("id"):
+                call["id"] = fragment["id"]
+            function = fragment.get("function") or {}
+            if function.get("name"):
+                call["function"]["name"] = function["name"]
+            call["function"]["arguments"] += function.get("arguments") or ""
+    message: dict[str, Any] = {"role": "assistant", "content": content or None}
+    if calls:
+        message["tool_calls"] = [calls[index] for index in sorted(calls)]
+    return message
+
+
+def _openai_completion(script: Script, request: dict[str, Any], message: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "id": "chatcmpl-upstream", "object": "chat.completion", "created": 1, "model": request.get("model"),
+        "choices": [{"index": 0, "message": message, "finish_reason": script.finish_reason}],
+        "usage": script.usage,
+    }  # fmt: skip
+
+
+def _anthropic_message(script: Script, request: dict[str, Any], message: dict[str, Any]) -> dict[str, Any]:
+    content: list[dict[str, Any]] = [{"type": "text", "text": message["content"]}] if message["content"] else []
+    for call in message.get("tool_calls") or ():
+        function = call["function"]
+        content.append({"type": "tool_use", "id": call["id"], "name": function["name"],
+                        "input": orjson.loads(function["arguments"] or "{}")})  # fmt: skip
+    usage = script.usage or {"prompt_tokens": 0, "completion_tokens": 0}
+    return {
+        "id": "msg_1", "type": "message", "role": "assistant", "model": request.get("model"), "content": content,
+        "stop_reason": STOP_REASONS.get(script.finish_reason or ""),
+        "usage": {"input_tokens": usage["prompt_tokens"], "output_tokens": usage["completion_tokens"]},
+    }  # fmt: skip
 
 
 async def _send_error(stream: trio.SocketStream, conn: h11.Connection, script: Script) -> None:

@@ -223,6 +223,7 @@ def model_call(role: Role, chat: ChatRequest) -> ModelCall:
         tools=chat.tools,
         tool_choice=chat.tool_choice,
         response_format=chat.response_format,
+        stream=chat.stream,
     )
 
 

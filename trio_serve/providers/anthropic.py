@@ -19,7 +19,14 @@ from trio_serve.config import ModelConfig
 from trio_serve.errors import InvalidRequest, UpstreamError
 from trio_serve.openai import text_of
 from trio_serve.providers.base import Batch, Delta, Event, Finish, ModelCall, Usage
-from trio_serve.providers.upstream import Upstream, drain, json_object, parse_until_failure, sse_payloads
+from trio_serve.providers.upstream import (
+    Upstream,
+    accepting,
+    drain,
+    json_object,
+    parse_until_failure,
+    sse_payloads,
+)
 from trio_serve.redact import redact
 
 ANTHROPIC_VERSION = "2023-06-01"
@@ -42,16 +49,16 @@ class Anthropic:
         self._model = model
         self._headers = {
             "content-type": "application/json",
-            "accept": "text/event-stream",
             "anthropic-version": ANTHROPIC_VERSION,
+            **model.extra_headers,
         }
-        self._headers.update(model.extra_headers)
         if api_key:
             self._headers["x-api-key"] = api_key
 
     def stream(self, call: ModelCall) -> AbstractAsyncContextManager[AsyncIterator[Batch]]:
         body = orjson.dumps(anthropic_request(call, self._model))
-        return self._upstream.answer(self._url, body, self._headers, streamed=_stream_events, whole=message_events)
+        headers = accepting(self._headers, streamed=call.stream)
+        return self._upstream.answer(self._url, body, headers, streamed=_stream_events, whole=message_events)
 
 
 # -- requests: OpenAI shape to Anthropic -----------------------------------------
@@ -63,7 +70,7 @@ def anthropic_request(call: ModelCall, model: ModelConfig) -> dict[str, Any]:
         "model": model.name,
         "max_tokens": call.max_tokens,  # required by Anthropic, always sent
         "messages": _messages([m for m in call.messages if m["role"] != "system"]),
-        "stream": True,
+        "stream": call.stream,
         "temperature": min(call.temperature, MAX_TEMPERATURE),
     }
     if system:

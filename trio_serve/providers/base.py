@@ -54,6 +54,10 @@ class ModelCall:
     tools: tuple[Mapping[str, Any], ...] = ()
     tool_choice: str | Mapping[str, Any] | None = None
     response_format: Mapping[str, Any] | None = None
+    # Whether the answer is relayed as it comes. A whole answer is asked for
+    # whole: one JSON body costs the provider and us far less than an event
+    # per token, and closing the connection still stops the model.
+    stream: bool = True
 
 
 class Provider(Protocol):

@@ -20,7 +20,14 @@ from trio_serve.config import ModelConfig
 from trio_serve.errors import UpstreamError
 from trio_serve.openai import relayed_delta
 from trio_serve.providers.base import Batch, Delta, Event, Finish, ModelCall, Usage
-from trio_serve.providers.upstream import Upstream, drain, json_object, parse_until_failure, sse_payloads
+from trio_serve.providers.upstream import (
+    Upstream,
+    accepting,
+    drain,
+    json_object,
+    parse_until_failure,
+    sse_payloads,
+)
 from trio_serve.redact import redact
 
 
@@ -29,21 +36,21 @@ class OpenAICompatible:
         self._upstream = upstream
         self._url = f"{base_url}/chat/completions"
         self._model = model
-        self._headers = {"content-type": "application/json", "accept": "text/event-stream"}
-        self._headers.update(model.extra_headers)
+        headers = {"content-type": "application/json", **model.extra_headers}
         if api_key:
-            self._headers["authorization"] = f"Bearer {api_key}"
+            headers["authorization"] = f"Bearer {api_key}"
+        self._headers = headers
 
     def stream(self, call: ModelCall) -> AbstractAsyncContextManager[AsyncIterator[Batch]]:
         body = orjson.dumps(self.payload(call))
-        return self._upstream.answer(self._url, body, self._headers, streamed=_stream_events, whole=completion_events)
+        headers = accepting(self._headers, streamed=call.stream)
+        return self._upstream.answer(self._url, body, headers, streamed=_stream_events, whole=completion_events)
 
     def payload(self, call: ModelCall) -> dict[str, Any]:
         body: dict[str, Any] = {
             "model": self._model.name,
             "messages": list(call.messages),
-            "stream": True,
-            "stream_options": {"include_usage": True},
+            "stream": call.stream,
             "temperature": call.temperature,
             "max_tokens": call.max_tokens,
         }
@@ -56,6 +63,8 @@ class OpenAICompatible:
             "response_format": call.response_format,
         }
         body.update((key, value) for key, value in optional.items() if value is not None)
+        if call.stream:
+            body["stream_options"] = {"include_usage": True}  # a whole answer carries its usage anyway
         body.update(self._model.extra_body)
         return body
 

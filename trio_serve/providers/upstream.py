@@ -177,6 +177,14 @@ def _clip(text: str) -> str:
 # -- reading a provider's answer -------------------------------------------------
 
 
+_ACCEPT = {True: {"accept": "text/event-stream"}, False: {"accept": "application/json"}}
+
+
+def accepting(headers: Mapping[str, str], *, streamed: bool) -> dict[str, str]:
+    """`headers` with the Accept of an event stream or of a whole JSON answer."""
+    return {**headers, **_ACCEPT[streamed]}
+
+
 def is_event_stream(response: httpx.Response) -> bool:
     content_type: str = response.headers.get("content-type", "")
     return content_type.startswith("text/event-stream")
