@@ -8,7 +8,6 @@ a `Turn`, from which the app makes the audit record.
 
 from __future__ import annotations
 
-import os
 import re
 import time
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping
@@ -32,7 +31,7 @@ from trio_serve.errors import (
     UnsupportedMediaType,
     UpstreamError,
 )
-from trio_serve.http import Request, Response, Send
+from trio_serve.http import Request, Response, Send, random_id
 from trio_serve.openai import (
     JSON_HEADERS,
     SSE_DONE,
@@ -214,7 +213,7 @@ class ChatHandler:
         turn.stream, turn.conversation_id = chat.stream, conversation
         turn.user_prompt = next((text_of(m) for m in reversed(chat.messages) if m["role"] == "user"), "")
         self._content.check(chat.messages)
-        completion_id = "chatcmpl-" + os.urandom(12).hex()
+        completion_id = random_id("chatcmpl-")
         created = int(self._wall_clock())
         echo = ((HEADER, conversation),) if conversation else ()
         if chat.stream:

@@ -10,9 +10,9 @@ h11 over trio streams, one write per request, and a body handed on as it
 arrives, so the SSE events of one network read reach the client in one write.
 
 Connections are kept per origin (scheme, host, port) for reuse, newest first. A
-kept connection is dropped once idle past KEEPALIVE_EXPIRY_S, or if it became
-readable while idle (the provider closed it); the one race left, the provider
-closing just as a request goes out, is retried once on a new connection, and
+kept connection is dropped once idle past KEEPALIVE_EXPIRY_S, or, idle for more
+than FRESH_S, if it became readable (the provider closed it). A kept connection
+that turns out closed as the request goes out is retried once on a new one,
 only when not a byte of an answer had come back (the request was never read).
 """
 
@@ -28,6 +28,7 @@ import httpx
 import trio
 
 KEEPALIVE_EXPIRY_S = 4.0  # below the 5 s uvicorn-based providers (vLLM, LiteLLM) keep idle connections
+FRESH_S = 1.0  # idle less than this, a connection is reused unchecked (a syscall saved per request)
 MAX_IDLE_PER_ORIGIN = 64  # kept connections per provider; more are closed after their answer
 CONNECT_TIMEOUT_S = 10.0
 RECEIVE_BYTES = 64 * 1024
@@ -123,14 +124,15 @@ class TrioTransport(httpx.AsyncBaseTransport):
         idle = self._idle.get(origin)
         while idle:
             connection = idle.pop()  # the newest: the least likely to have been closed
-            if trio.current_time() - connection.idle_since >= self._expiry_s:
+            idle_s = trio.current_time() - connection.idle_since
+            if idle_s >= self._expiry_s:
                 # It and every older one have expired: close them all.
                 for expired in (*idle, connection):
                     _close_now(expired)
                 idle.clear()
                 return None
-            if not _readable(connection.stream):
-                return connection
+            if idle_s < FRESH_S or not _readable(connection.stream):
+                return connection  # (closed under us anyway, it is retried once: see _StaleConnection)
             _close_now(connection)  # the provider closed it (or sent what nobody asked for)
         return None
 
