@@ -2,7 +2,7 @@
 
 httpx stays the API the providers speak (requests, responses, errors, content
 decoding); this replaces its default transport, httpcore, which cost 2.4-3 times
-the CPU per streamed request (about 0.95 ms against 0.35-0.4 ms at concurrency
+the CPU per streamed request (about 0.85-0.95 ms against 0.3-0.4 ms at concurrency
 32 on the 2-core development machine: `python -m benchmarks.upstream_client`).
 httpcore's pool also scans every connection with a syscall whenever a request
 starts or ends, O(n) in the number of open streams. This is what the server side is:
