@@ -142,10 +142,6 @@ class CallSlots:
         self._limit = limit
         self._in_use = 0
 
-    @property
-    def in_use(self) -> int:
-        return self._in_use
-
     @contextmanager
     def hold(self) -> Iterator[None]:
         if self._in_use >= self._limit:
@@ -201,7 +197,7 @@ class ChatHandler:
         self._provider = provider
         self._conversations = conversations
         self._turn_locks = KeyedLocks()  # serialises concurrent turns of one conversation
-        self.calls = CallSlots(role.server.max_upstream_calls)
+        self._calls = CallSlots(role.server.max_upstream_calls)
         self._content = InputPolicy(role.content)
         self._timeout_s = role.guardrails.timeout_seconds
         self._wall_clock = wall_clock
@@ -287,7 +283,7 @@ class ChatHandler:
         """
         started = False
         try:
-            with self.calls.hold(), trio.fail_after(self._timeout_s):
+            with self._calls.hold(), trio.fail_after(self._timeout_s):
                 async with self._provider.stream(call) as events:
                     await send(encoder.role())
                     started = True
@@ -310,7 +306,7 @@ class ChatHandler:
         assembler = MessageAssembler()
         finish_reason: str | None = None
         try:
-            with self.calls.hold(), trio.fail_after(self._timeout_s):
+            with self._calls.hold(), trio.fail_after(self._timeout_s):
                 async with self._provider.stream(call) as batches:
                     async for batch in batches:
                         for event in batch:

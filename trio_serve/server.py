@@ -137,10 +137,6 @@ class HttpServer:
 
     # -- one connection ----------------------------------------------------
 
-    @property
-    def open_connections(self) -> int:
-        return self._open
-
     async def handle_connection(self, stream: trio.abc.Stream) -> None:
         """Serve one client connection until it closes; never raises."""
         if self._open >= self._max_connections:
