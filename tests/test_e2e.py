@@ -80,6 +80,7 @@ async def test_openai_upstream_plain_completion(start_server: StartServer, upstr
         # A whole answer is asked for whole (it carries its usage without stream_options).
         assert sent.body["stream"] is False and "stream_options" not in sent.body
         assert sent.headers["accept"] == "application/json"
+        assert sent.headers["user-agent"].startswith("trio_serve/")
         assert (sent.body["temperature"], sent.body["max_tokens"]) == (0.1, 4096)
 
 

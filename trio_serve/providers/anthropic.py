@@ -25,6 +25,7 @@ from trio_serve.providers.upstream import (
     drain,
     json_object,
     parse_until_failure,
+    request_headers,
     sse_payloads,
 )
 from trio_serve.redact import redact
@@ -47,13 +48,9 @@ class Anthropic:
         self._upstream = upstream
         self._url = f"{base_url}/v1/messages"
         self._model = model
-        self._headers = {
-            "content-type": "application/json",
-            "anthropic-version": ANTHROPIC_VERSION,
-            **model.extra_headers,
-        }
-        if api_key:
-            self._headers["x-api-key"] = api_key
+        fixed = {"content-type": "application/json", "anthropic-version": ANTHROPIC_VERSION}
+        key = {"x-api-key": api_key} if api_key else {}
+        self._headers = request_headers(fixed, model.extra_headers, key)
 
     def stream(self, call: ModelCall) -> AbstractAsyncContextManager[AsyncIterator[Batch]]:
         body = orjson.dumps(anthropic_request(call, self._model))

@@ -26,6 +26,7 @@ from trio_serve.providers.upstream import (
     drain,
     json_object,
     parse_until_failure,
+    request_headers,
     sse_payloads,
 )
 from trio_serve.redact import redact
@@ -36,10 +37,8 @@ class OpenAICompatible:
         self._upstream = upstream
         self._url = f"{base_url}/chat/completions"
         self._model = model
-        headers = {"content-type": "application/json", **model.extra_headers}
-        if api_key:
-            headers["authorization"] = f"Bearer {api_key}"
-        self._headers = headers
+        key = {"authorization": f"Bearer {api_key}"} if api_key else {}
+        self._headers = request_headers({"content-type": "application/json"}, model.extra_headers, key)
 
     def stream(self, call: ModelCall) -> AbstractAsyncContextManager[AsyncIterator[Batch]]:
         body = orjson.dumps(self.payload(call))

@@ -8,6 +8,7 @@ reorder tokens the client already saw.
 
 from __future__ import annotations
 
+import functools
 import random
 import re
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterable, Mapping
@@ -19,6 +20,7 @@ import httpx
 import orjson
 import trio
 
+from trio_serve import __version__
 from trio_serve.errors import ApiError, InvalidRequest, RateLimited, UpstreamError
 from trio_serve.providers.base import Batch, Event
 from trio_serve.redact import redact
@@ -68,7 +70,10 @@ class Upstream:
     ) -> AsyncIterator[AsyncIterator[Batch]]:
         """POST `body` and read the answer in batches of events: with `streamed`
         when it is an event stream, else as one body with `whole`."""
-        request = self.client.build_request("POST", url, content=body, headers=headers)
+        # Built directly rather than by client.build_request, which merges the
+        # client's defaults (base URL, headers, cookies) into every request:
+        # a tenth of a millisecond per request for nothing we use.
+        request = httpx.Request("POST", _parsed_url(url), content=body, headers=headers)
         async with self.open(request) as response:
             is_stream = is_event_stream(response)
             batches = streamed(response, self.secrets) if is_stream else _whole_answer(response, whole)
@@ -118,6 +123,11 @@ class Upstream:
             await response.aclose()
         retry_after = response.headers.get("retry-after")
         return status_error(self.provider, response.status_code, body, retry_after, self.secrets)
+
+
+@functools.lru_cache(maxsize=64)
+def _parsed_url(url: str) -> httpx.URL:
+    return httpx.URL(url)  # immutable: one parse per provider URL, not per request
 
 
 def retry_after_seconds(value: str | None) -> float | None:
@@ -177,7 +187,17 @@ def _clip(text: str) -> str:
 # -- reading a provider's answer -------------------------------------------------
 
 
+USER_AGENT = f"trio_serve/{__version__}"
 _ACCEPT = {True: {"accept": "text/event-stream"}, False: {"accept": "application/json"}}
+
+
+def request_headers(*parts: Mapping[str, str]) -> dict[str, str]:
+    """A provider's fixed request headers: `parts` merged, later ones winning, with
+    our User-Agent unless they name one (in any case of letters)."""
+    merged = {name: value for part in parts for name, value in part.items()}
+    if not any(name.lower() == "user-agent" for name in merged):
+        merged["user-agent"] = USER_AGENT
+    return merged
 
 
 def accepting(headers: Mapping[str, str], *, streamed: bool) -> dict[str, str]:
