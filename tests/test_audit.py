@@ -17,7 +17,7 @@ import trio
 
 from tests.conftest import IO_TIMEOUT_S, make_role
 from trio_serve import audit_cli
-from trio_serve.audit import AuditDatabase, AuditLog, AuditRecord, key_path
+from trio_serve.audit import BATCH_ROWS, AuditDatabase, AuditLog, AuditRecord, key_path
 from trio_serve.cli import build_parser
 from trio_serve.errors import StartupError
 from trio_serve.server import Running, ServeOptions, serve
@@ -345,3 +345,42 @@ async def test_a_client_that_leaves_is_recorded_as_cancelled(tmp_path: Path) -> 
     (row,) = rows(database)
     assert (row["status"], row["stream"], row["cancelled"]) == (200, 1, 1)
     assert row["output"] == "You"  # what had been relayed when the client left
+
+
+async def test_queued_rows_are_taken_without_a_scheduler_round_each(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Under load every checkpoint waits for all runnable tasks: a writer that
+    # took one queued row per checkpoint fell behind a busy server (the soak
+    # found it) and the queue overflowed.
+    database = open_db(tmp_path)
+    rounds = 0
+    rounds_at_handoff: list[int] = []  # when each batch (or the connect) went to a worker thread
+    run_sync = trio.to_thread.run_sync
+
+    async def counting_run_sync(fn: Any, *args: Any) -> Any:
+        rounds_at_handoff.append(rounds)
+        return await run_sync(fn, *args)
+
+    monkeypatch.setattr(trio.to_thread, "run_sync", counting_run_sync)
+    audit = AuditLog(database)
+    for n in range(BATCH_ROWS):
+        audit.record(record(n))
+
+    async def busy() -> None:  # a runnable task: each of its loops is one scheduler round
+        nonlocal rounds
+        while True:
+            rounds += 1
+            await trio.sleep(0)
+
+    with trio.fail_after(IO_TIMEOUT_S):
+        async with trio.open_nursery() as load:
+            load.start_soon(busy)
+            async with trio.open_nursery() as writer:
+                await writer.start(audit.run)
+                connected = rounds
+                audit.close()  # the writer drains the queue, then returns
+            load.cancel_scope.cancel()
+    first_batch = rounds_at_handoff[1]
+    assert first_batch - connected < 20  # a handful of rounds, not one per row (500)
+    assert len(rows(database)) == BATCH_ROWS

@@ -15,7 +15,7 @@ ROOT = Path(__file__).parent.parent
 
 def test_a_minute_of_mixed_traffic_leaves_nothing_behind() -> None:
     result = subprocess.run(
-        [sys.executable, "-m", "benchmarks.soak", "--seconds", "60", "--workers", "8"],
+        [sys.executable, "-m", "benchmarks.soak", "--seconds", "60"],
         cwd=ROOT, capture_output=True, text=True, timeout=180,
     )  # fmt: skip
     assert result.returncode == 0, result.stdout + result.stderr

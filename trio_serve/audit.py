@@ -268,10 +268,21 @@ class AuditLog:
             failing = self._retry_at > trio.current_time()
             limit = MAX_PENDING_ROWS if failing else BATCH_ROWS
             with trio.move_on_at(max(trio.current_time() + BATCH_WINDOW_S, self._retry_at)):
-                while len(pending) < limit:
+                while self._take_queued(pending, limit):
                     pending.append(await self._receive.receive())
         except trio.EndOfChannel:
             return True
+        return False
+
+    def _take_queued(self, pending: list[AuditRecord], limit: int) -> bool:
+        """Move what is already queued to `pending` without a checkpoint: under
+        load each `await receive()` waits a full round of the scheduler, and
+        one per row let the queue outgrow the writer. True if there is room left."""
+        while len(pending) < limit:
+            try:
+                pending.append(self._receive.receive_nowait())
+            except trio.WouldBlock:
+                return True
         return False
 
     async def _flush(self, connection: sqlite3.Connection, pending: list[AuditRecord], *, draining: bool) -> None:
