@@ -147,27 +147,21 @@ async def conversation(session: Session) -> int:
     return (await client.post(CHAT, json=_chat("bench chunks=4"), headers=headers)).status_code
 
 
+async def _bad_chat(session: Session, body: bytes, content_type: str = "application/json") -> int:
+    session.traffic.chat_requests += 1  # refused, but read whole: audited all the same
+    return (await session.client.post(CHAT, content=body, headers={"content-type": content_type})).status_code
+
+
 async def broken_json(session: Session) -> int:
-    client, traffic = session.client, session.traffic
-    traffic.chat_requests += 1
-    return (
-        await client.post(CHAT, content=b'{"messages": [', headers={"content-type": "application/json"})
-    ).status_code
+    return await _bad_chat(session, b'{"messages": [')
 
 
 async def oversized(session: Session) -> int:
-    client, traffic = session.client, session.traffic
-    traffic.chat_requests += 1
-    body = b"x" * (MAX_BODY + 1)
-    return (await client.post(CHAT, content=body, headers={"content-type": "application/json"})).status_code
+    return await _bad_chat(session, b"x" * (MAX_BODY + 1))
 
 
 async def form_post(session: Session) -> int:
-    client, traffic = session.client, session.traffic
-    traffic.chat_requests += 1
-    return (
-        await client.post(CHAT, content=b"a=b", headers={"content-type": "application/x-www-form-urlencoded"})
-    ).status_code
+    return await _bad_chat(session, b"a=b", "application/x-www-form-urlencoded")
 
 
 async def unknown_path(session: Session) -> int:

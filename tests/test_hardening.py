@@ -123,10 +123,9 @@ async def test_past_the_model_call_cap_requests_get_503_at_once(
             for _ in range(2):
                 nursery.start_soon(partial(http.post, "/v1/chat/completions", json={**CHAT, "stream": True}))
                 await upstream.next_exchange()  # the model call is in progress
-            started = trio.current_time()
+            # Refused, not queued: a queued request would wait for the hanging ones forever.
             plain = await http.post("/v1/chat/completions", json=CHAT)
             streamed = await http.post("/v1/chat/completions", json={**CHAT, "stream": True})
-            assert trio.current_time() - started < 1.0  # refused, not queued
             for refused in (plain, streamed):
                 assert_error(refused, 503, "overloaded")
                 assert refused.headers["retry-after"] == "1"

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import errno
-import ipaddress
 import logging
 import os
 import resource
@@ -28,7 +27,7 @@ from trio_serve.audit import DEFAULT_PATH as DEFAULT_AUDIT_DB
 from trio_serve.audit import AuditDatabase
 from trio_serve.config import Role, load_role
 from trio_serve.errors import StartupError
-from trio_serve.guard import LOOPBACK_PROXIES, TrustedProxies
+from trio_serve.guard import LOOPBACK_PROXIES, TrustedProxies, is_loopback_host
 from trio_serve.providers.factory import provider_api_key
 from trio_serve.server import MAX_REFUSING, SHUTDOWN_GRACE_S, Running, ServeOptions, serve
 
@@ -191,21 +190,12 @@ def _raise_descriptor_limit(max_connections: int, max_upstream_calls: int) -> No
 
 def _client_key(args: argparse.Namespace, env: Mapping[str, str]) -> str | None:
     key = args.api_key or env.get("INITRUNNER_API_KEY") or None
-    if key is None and not _is_loopback(args.host):
+    if key is None and not is_loopback_host(args.host):
         # Off loopback, an open server would hand the agent (and its provider
         # bill) to anyone who can reach it: require a generated key instead.
         key = secrets.token_urlsafe(32)
         print(f"initrunner: no --api-key given for {args.host}; generated one: {key}", file=sys.stderr)
     return key
-
-
-def _is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 def _created(role_file: Path) -> int:

@@ -254,10 +254,15 @@ def _stale_or(connection: _Connection, error: Exception) -> Exception:
     return error
 
 
+def _socket_of(stream: trio.abc.Stream) -> trio.socket.SocketType | None:
+    """The TCP socket under a connection, TLS or not (None for other streams)."""
+    transport = stream.transport_stream if isinstance(stream, trio.SSLStream) else stream
+    return getattr(transport, "socket", None)
+
+
 def _readable(stream: trio.abc.Stream) -> bool:
     """Whether an idle connection has something to read: end of stream, a reset, or junk."""
-    transport = stream.transport_stream if isinstance(stream, trio.SSLStream) else stream
-    sock = getattr(transport, "socket", None)
+    sock = _socket_of(stream)
     if sock is None:
         return False
     poller = select.poll()  # not select.select(): descriptors above 1023 are common here
@@ -267,7 +272,6 @@ def _readable(stream: trio.abc.Stream) -> bool:
 
 def _close_now(connection: _Connection) -> None:
     # Idle: nothing is in flight, so a plain close (no TLS goodbye) loses nothing.
-    transport = connection.stream.transport_stream if isinstance(connection.stream, trio.SSLStream) else None
-    sock = getattr(transport or connection.stream, "socket", None)
+    sock = _socket_of(connection.stream)
     if sock is not None:
         sock.close()
